@@ -1,0 +1,181 @@
+"""Data: read items, build the character vocabulary, make contexts, split.
+
+Pipeline: words (one item per line) -> sorted, deduplicated, shuffled with the
+seed -> Vocab (index 0 is the boundary token) -> (context, next char) examples
+-> train / val / test splits.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import HandgradError
+
+SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("words", "examples")
+BUILTIN_NAME = "builtin:names"
+
+
+def load_words(path: str | Path | None = None) -> list[str]:
+    """Items of a UTF-8 text file, one per line, or the built-in names when path is None.
+
+    Surrounding whitespace (and CR of CRLF endings) is stripped; blank lines
+    are dropped. Duplicates are kept here; `prepare_words` removes them.
+    """
+    if path is None:
+        return builtin_names()
+    p = Path(path)
+    if not p.exists():
+        raise HandgradError(f"data file not found: {p}")
+    if p.is_dir():
+        raise HandgradError(f"data path is a directory, not a file: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise HandgradError(f"cannot read data file {p}: {e.strerror}") from None
+    if not raw:
+        raise HandgradError(f"data file is empty: {p}")
+    words = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HandgradError(f"data file {p}: line {lineno} is not valid UTF-8") from None
+        text = text.strip()
+        if text:
+            words.append(text)
+    if not words:
+        raise HandgradError(f"data file has only blank lines: {p}")
+    return words
+
+
+def builtin_names() -> list[str]:
+    """US census first names (male and female lists) shipped by the `names` package, lower-cased."""
+    root = importlib.resources.files("names")
+    words = []
+    for fname in ("dist.male.first", "dist.female.first"):
+        for line in (root / fname).read_text(encoding="utf-8").splitlines():
+            fields = line.split()
+            if fields:
+                words.append(fields[0].lower())
+    return words
+
+
+def prepare_words(words: list[str], seed: int = 42) -> list[str]:
+    """Deduplicate deterministically (sort), then shuffle with `seed`.
+
+    A plain ``list(set(words))`` depends on the interpreter's hash seed, so its
+    shuffle could not be reproduced from one run to the next.
+    """
+    unique = sorted(set(words))
+    random.Random(seed).shuffle(unique)
+    return unique
+
+
+class Vocab:
+    """Characters of the data; index 0 is the boundary token, shown as '.'.
+
+    The boundary is not a character, so items that contain '.' stay distinct
+    from the start/end marker.
+    """
+
+    BOUNDARY = 0
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)  # index i+1 holds chars[i]
+        self.stoi = {ch: i + 1 for i, ch in enumerate(self.chars)}
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> "Vocab":
+        return cls(sorted(set("".join(words))))
+
+    def __len__(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, word: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in word]
+        except KeyError as e:
+            raise HandgradError(f"character {e.args[0]!r} is not in the model's vocabulary") from None
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.BOUNDARY:
+                break
+            out.append(self.chars[i - 1])
+        return "".join(out)
+
+
+def build_examples(words: list[str], vocab: Vocab, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context of block_size ids, next id) for every character and the end of every word."""
+    xs, ys = [], []
+    for w in words:
+        context = [Vocab.BOUNDARY] * block_size
+        for ix in vocab.encode(w) + [Vocab.BOUNDARY]:
+            xs.append(context)
+            ys.append(ix)
+            context = context[1:] + [ix]
+    X = torch.tensor(xs, dtype=torch.long).view(-1, block_size)
+    Y = torch.tensor(ys, dtype=torch.long)
+    return X, Y
+
+
+@dataclass
+class Dataset:
+    """Vocabulary, words and the three splits of examples."""
+
+    vocab: Vocab
+    words: list[str]
+    block_size: int
+    split_mode: str
+    X: dict[str, torch.Tensor]
+    Y: dict[str, torch.Tensor]
+    source: str
+
+    def sizes(self) -> dict[str, int]:
+        return {s: int(self.Y[s].shape[0]) for s in SPLITS}
+
+
+def make_dataset(
+    path: str | Path | None = None,
+    block_size: int = 3,
+    split: str = "words",
+    seed: int = 42,
+    vocab: Vocab | None = None,
+) -> Dataset:
+    """Read, prepare and split. `split='words'` splits the shuffled words 80/10/10;
+    `split='examples'` splits the examples 80/10/10, as the seed notebook did.
+    """
+    if split not in SPLIT_MODES:
+        raise HandgradError(f"unknown split {split!r}: choose one of {', '.join(SPLIT_MODES)}")
+    if block_size < 1:
+        raise HandgradError(f"block size must be at least 1, got {block_size}")
+    words = prepare_words(load_words(path), seed)
+    vocab = vocab or Vocab.from_words(words)
+    X, Y = {}, {}
+    if split == "words":
+        n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+        parts = dict(zip(SPLITS, (words[:n1], words[n1:n2], words[n2:])))
+        if any(not p for p in parts.values()):
+            raise HandgradError(
+                f"too few items to split by words: {len(words)} distinct, need at least 10"
+            )
+        for s, ws in parts.items():
+            X[s], Y[s] = build_examples(ws, vocab, block_size)
+    else:
+        Xall, Yall = build_examples(words, vocab, block_size)
+        n1, n2 = int(0.8 * len(Xall)), int(0.9 * len(Xall))
+        if n1 == 0 or n2 == n1 or n2 == len(Xall):
+            raise HandgradError(
+                f"too few examples to split: {len(Xall)}, need at least 10"
+            )
+        for s, xs, ys in zip(SPLITS, Xall.tensor_split([n1, n2]), Yall.tensor_split([n1, n2])):
+            X[s], Y[s] = xs, ys
+    source = BUILTIN_NAME if path is None else str(path)
+    return Dataset(vocab, words, block_size, split, X, Y, source)

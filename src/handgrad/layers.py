@@ -1,0 +1,347 @@
+"""Layers: each forward with its hand-written backward right below it.
+
+Conventions (as in llm.c and torch.nn):
+- `forward(x)` returns the output and keeps in `self.saved` exactly what the
+  backward needs; stepwise forms keep every named intermediate there.
+- `backward(dout)` returns the gradient for the input and *accumulates* the
+  parameters' gradients into `self.grads`, the buffers the optimizer reads.
+  Gradients of named intermediates are kept in `self.saved_grads`.
+- Inputs may be (batch, channels) or (batch, time, channels).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Module:
+    """Parameters, their gradient buffers, non-trained buffers, saved intermediates."""
+
+    def __init__(self):
+        self.params: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.saved: dict[str, torch.Tensor] = {}
+        self.saved_grads: dict[str, torch.Tensor] = {}
+        self.training = True
+
+    def add_param(self, name: str, value: torch.Tensor) -> None:
+        self.params[name] = value
+        self.grads[name] = torch.zeros_like(value)
+
+    def named_parameters(self, prefix: str = ""):
+        for name, p in self.params.items():
+            yield prefix + name, p
+
+    def named_grads(self, prefix: str = ""):
+        for name, g in self.grads.items():
+            yield prefix + name, g
+
+    def named_buffers(self, prefix: str = ""):
+        for name, b in self.buffers.items():
+            yield prefix + name, b
+
+    def named_intermediates(self, prefix: str = ""):
+        """Intermediates of the last forward that a check can compare (stepwise forms)."""
+        for name, t in self.saved.items():
+            if name in self.inspectable:
+                yield prefix + name, t
+
+    def named_intermediate_grads(self, prefix: str = ""):
+        for name, t in self.saved_grads.items():
+            yield prefix + name, t
+
+    inspectable: tuple[str, ...] = ()
+
+    def zero_grad(self) -> None:
+        for g in self.grads.values():
+            g.zero_()
+
+    def clear_saved(self) -> None:
+        """Drop what the last forward and backward kept."""
+        self.saved.clear()
+        self.saved_grads.clear()
+
+    def train(self, mode: bool = True) -> "Module":
+        self.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def to(self, device=None, dtype=None) -> "Module":
+        """Move parameters, gradient buffers and buffers; call before building an optimizer."""
+        for d in (self.params, self.grads, self.buffers):
+            for k, v in d.items():
+                d[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        return self
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+
+class Embedding(Module):
+    """Lookup table: ids (B, T) -> vectors (B, T, C)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.add_param("weight", torch.randn(num_embeddings, embedding_dim))
+
+    def forward(self, idx):
+        self.saved["idx"] = idx
+        return self.params["weight"][idx]
+
+    # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
+    def backward(self, dout):
+        idx = self.saved["idx"]
+        w = self.grads["weight"]
+        w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
+        return None
+
+
+class Flatten(Module):
+    """Concatenate the context's embeddings: (B, T, C) -> (B, T*C)."""
+
+    def forward(self, x):
+        self.saved["shape"] = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    # a reshape: d out / d x is the identity, so dx is dout in x's shape
+    def backward(self, dout):
+        return dout.reshape(self.saved["shape"])
+
+
+class FlattenConsecutive(Module):
+    """Merge n consecutive time steps into channels: (B, T, C) -> (B, T/n, C*n); a time axis of 1 is squeezed."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        B, T, C = x.shape
+        if T % self.n:
+            raise ValueError(f"FlattenConsecutive({self.n}) needs a time length divisible by {self.n}, got {T}")
+        self.saved["shape"] = x.shape
+        out = x.reshape(B, T // self.n, C * self.n)
+        return out.squeeze(1) if T // self.n == 1 else out
+
+    # a reshape: d out / d x is the identity, so dx is dout in x's shape
+    def backward(self, dout):
+        return dout.reshape(self.saved["shape"])
+
+
+class Linear(Module):
+    """y = x @ weight + bias, weight of shape (fan_in, fan_out)."""
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool = True, gain: float = 1.0):
+        super().__init__()
+        # Kaiming-style scale gain / sqrt(fan_in) keeps the output's variance near gain^2 * var(x)
+        self.add_param("weight", torch.randn(fan_in, fan_out) * gain * fan_in**-0.5)
+        if bias:
+            self.add_param("bias", torch.zeros(fan_out))
+
+    def forward(self, x):
+        self.saved["x"] = x
+        out = x @ self.params["weight"]
+        if "bias" in self.params:
+            out = out + self.params["bias"]
+        return out
+
+    # y = x W + b:  dx = dy W^T,  dW = x^T dy,  db = sum over rows of dy
+    def backward(self, dout):
+        x = self.saved["x"]
+        w = self.params["weight"]
+        x2 = x.reshape(-1, w.shape[0])
+        d2 = dout.reshape(-1, w.shape[1])
+        self.grads["weight"].addmm_(x2.T, d2)
+        if "bias" in self.grads:
+            self.grads["bias"].add_(d2.sum(0))
+        return dout @ w.T
+
+
+class Tanh(Module):
+    def forward(self, x):
+        out = torch.tanh(x)
+        self.saved["out"] = out
+        return out
+
+    # d tanh(x)/dx = 1 - tanh(x)^2
+    def backward(self, dout):
+        out = self.saved["out"]
+        return dout * (1 - out * out)
+
+
+class BatchNorm1d(Module):
+    """Batch normalization over the batch (and time) axes, fused backward.
+
+    Training: batch mean and biased variance (+ eps); running statistics are
+    updated with `momentum` (0.01, as the seed notebook). Eval: the running
+    statistics. The running variance is the biased one, the same quantity the
+    training forward divides by, so eval is consistent with training.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.01):
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.add_param("weight", torch.ones(dim))
+        self.add_param("bias", torch.zeros(dim))
+        self.buffers["running_mean"] = torch.zeros(dim)
+        self.buffers["running_var"] = torch.ones(dim)
+
+    @staticmethod
+    def reduce_dims(x) -> tuple[int, ...]:
+        return tuple(range(x.ndim - 1))
+
+    def update_running_stats(self, mean, var) -> None:
+        with torch.no_grad():
+            m = self.momentum
+            self.buffers["running_mean"].mul_(1 - m).add_(mean.reshape(-1), alpha=m)
+            self.buffers["running_var"].mul_(1 - m).add_(var.reshape(-1), alpha=m)
+
+    def forward(self, x):
+        if self.training:
+            dims = self.reduce_dims(x)
+            var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+            self.update_running_stats(mean, var)
+        else:
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+        rstd = torch.rsqrt(var + self.eps)
+        xhat = (x - mean) * rstd
+        self.saved["xhat"], self.saved["rstd"] = xhat, rstd
+        return xhat * self.params["weight"] + self.params["bias"]
+
+    # xhat = (x - mean) * rstd over N rows:  dx = gamma * rstd / N * (N dy - sum(dy) - xhat * sum(dy * xhat))
+    def backward(self, dout):
+        dims = self.reduce_dims(dout)
+        xhat, rstd = self.saved["xhat"], self.saved["rstd"]
+        gamma = self.params["weight"]
+        dout_sum = dout.sum(dims)
+        dout_xhat_sum = (dout * xhat).sum(dims)
+        self.grads["weight"].add_(dout_xhat_sum)
+        self.grads["bias"].add_(dout_sum)
+        if not self.training:  # running statistics are constants
+            return dout * (gamma * rstd)
+        n = dout.numel() // dout.shape[-1]
+        return (gamma * rstd / n) * (n * dout - dout_sum - xhat * dout_xhat_sum)
+
+
+class BatchNorm1dStepwise(BatchNorm1d):
+    """Batch normalization as a chain of small steps, each intermediate kept by name:
+    mean -> diff -> squared diff -> variance -> std -> normalize -> scale and shift.
+    """
+
+    inspectable = ("bnmean", "bndiff", "bndiff2", "bnvar", "bnstd", "bnraw")
+
+    def forward(self, x):
+        if not self.training:
+            self.saved.clear()
+            return super().forward(x)
+        dims = self.reduce_dims(x)
+        s = self.saved
+        s["bnmean"] = x.mean(dims, keepdim=True)
+        s["bndiff"] = x - s["bnmean"]
+        s["bndiff2"] = s["bndiff"] ** 2
+        s["bnvar"] = s["bndiff2"].mean(dims, keepdim=True)  # biased: divide by N
+        s["bnstd"] = (s["bnvar"] + self.eps).sqrt()
+        s["bnraw"] = s["bndiff"] / s["bnstd"]
+        self.update_running_stats(s["bnmean"], s["bnvar"])
+        return s["bnraw"] * self.params["weight"] + self.params["bias"]
+
+    def backward(self, dout):
+        if not self.training:
+            return super().backward(dout)
+        dims = self.reduce_dims(dout)
+        s, g = self.saved, self.saved_grads
+        n = dout.numel() // dout.shape[-1]
+        # out = gamma * bnraw + beta
+        self.grads["weight"].add_((dout * s["bnraw"]).sum(dims))
+        self.grads["bias"].add_(dout.sum(dims))
+        g["bnraw"] = dout * self.params["weight"]
+        # bnraw = bndiff / bnstd
+        g["bnstd"] = -(g["bnraw"] * s["bndiff"] / s["bnstd"] ** 2).sum(dims, keepdim=True)
+        dbndiff = g["bnraw"] / s["bnstd"]
+        # bnstd = sqrt(bnvar + eps):  d/dbnvar = 1 / (2 bnstd)
+        g["bnvar"] = g["bnstd"] / (2 * s["bnstd"])
+        # bnvar = mean(bndiff2):  each element gets 1/N
+        g["bndiff2"] = g["bnvar"].expand_as(dout) / n
+        # bndiff2 = bndiff^2:  d/dbndiff = 2 bndiff
+        g["bndiff"] = dbndiff + 2 * s["bndiff"] * g["bndiff2"]
+        # bndiff = x - bnmean
+        g["bnmean"] = -g["bndiff"].sum(dims, keepdim=True)
+        # bnmean = mean(x):  each element gets 1/N
+        return g["bndiff"] + g["bnmean"] / n
+
+
+class Sequential(Module):
+    """Named layers in order; backward runs them in reverse.
+
+    Each layer's output and its gradient are kept as '<name>.out', and the
+    layers' own intermediates as '<name>.<intermediate>'.
+    """
+
+    def __init__(self, layers: list[tuple[str, Module]]):
+        super().__init__()
+        self.layers = dict(layers)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        for name, layer in self.layers.items():
+            x = layer.forward(x)
+            self.outputs[name] = x
+        return x
+
+    def backward(self, dout):
+        for name, layer in reversed(self.layers.items()):
+            self.output_grads[name] = dout
+            dout = layer.backward(dout)
+        return dout
+
+    def _each(self, method: str, prefix: str):
+        for name, layer in self.layers.items():
+            yield from getattr(layer, method)(f"{prefix}{name}.")
+
+    def named_parameters(self, prefix: str = ""):
+        return self._each("named_parameters", prefix)
+
+    def named_grads(self, prefix: str = ""):
+        return self._each("named_grads", prefix)
+
+    def named_buffers(self, prefix: str = ""):
+        return self._each("named_buffers", prefix)
+
+    def named_intermediates(self, prefix: str = ""):
+        for name, layer in self.layers.items():
+            yield f"{prefix}{name}.out", self.outputs[name]
+            yield from layer.named_intermediates(f"{prefix}{name}.")
+
+    def named_intermediate_grads(self, prefix: str = ""):
+        for name, layer in self.layers.items():
+            if name in self.output_grads:
+                yield f"{prefix}{name}.out", self.output_grads[name]
+            yield from layer.named_intermediate_grads(f"{prefix}{name}.")
+
+    def zero_grad(self) -> None:
+        for layer in self.layers.values():
+            layer.zero_grad()
+
+    def clear_saved(self) -> None:
+        self.outputs.clear()
+        self.output_grads.clear()
+        for layer in self.layers.values():
+            layer.clear_saved()
+
+    def train(self, mode: bool = True) -> "Sequential":
+        self.training = mode
+        for layer in self.layers.values():
+            layer.train(mode)
+        return self
+
+    def to(self, device=None, dtype=None) -> "Sequential":
+        for layer in self.layers.values():
+            layer.to(device, dtype)
+        return self

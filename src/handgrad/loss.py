@@ -1,0 +1,68 @@
+"""Softmax cross-entropy, fused and stepwise, forward and backward side by side."""
+from __future__ import annotations
+
+import torch
+
+from .layers import Module
+
+
+class CrossEntropy(Module):
+    """Mean negative log-likelihood of the targets under softmax(logits); fused backward."""
+
+    def forward(self, logits, targets):
+        logits = logits.reshape(-1, logits.shape[-1])
+        # log_softmax subtracts the row max before exponentiating, so large logits cannot overflow
+        logprobs = torch.log_softmax(logits, dim=1)
+        self.saved["logprobs"], self.saved["targets"] = logprobs, targets.reshape(-1)
+        return -logprobs.gather(1, self.saved["targets"][:, None]).mean()
+
+    # d loss / d logits = (softmax(logits) - onehot(targets)) / N
+    def backward(self, dloss=1.0):
+        logprobs, targets = self.saved["logprobs"], self.saved["targets"]
+        dlogits = logprobs.exp()
+        dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        return dlogits.mul_(dloss / len(targets))
+
+
+class CrossEntropyStepwise(CrossEntropy):
+    """The seed notebook's chain, made stable, every intermediate kept by name:
+    max -> subtract -> exp -> row sum -> divide -> log -> pick -> mean.
+    """
+
+    inspectable = ("logit_maxes", "norm_logits", "counts", "counts_sum", "probs", "logprobs")
+
+    def forward(self, logits, targets):
+        s = self.saved
+        logits = logits.reshape(-1, logits.shape[-1])
+        targets = targets.reshape(-1)
+        s["targets"] = targets
+        s["logit_maxes"], s["argmax"] = logits.max(1, keepdim=True)
+        s["norm_logits"] = logits - s["logit_maxes"]  # <= 0, so exp cannot overflow
+        s["counts"] = s["norm_logits"].exp()
+        s["counts_sum"] = s["counts"].sum(1, keepdim=True)
+        s["probs"] = s["counts"] / s["counts_sum"]
+        s["logprobs"] = s["probs"].log()
+        return -s["logprobs"][torch.arange(len(targets), device=targets.device), targets].mean()
+
+    def backward(self, dloss=1.0):
+        s, g = self.saved, self.saved_grads
+        targets = s["targets"]
+        n = len(targets)
+        rows = torch.arange(n, device=targets.device)
+        # loss = -mean(logprobs[rows, targets]): each picked entry gets -1/N
+        g["logprobs"] = torch.zeros_like(s["logprobs"])
+        g["logprobs"][rows, targets] = -dloss / n
+        # d log(p)/dp = 1/p
+        g["probs"] = g["logprobs"] / s["probs"]
+        # probs = counts / counts_sum:  d/dcounts_sum = -counts / counts_sum^2, summed over the row
+        g["counts_sum"] = -(g["probs"] * s["counts"] / s["counts_sum"] ** 2).sum(1, keepdim=True)
+        # counts reaches the loss directly (1/counts_sum) and through counts_sum (1)
+        g["counts"] = g["probs"] / s["counts_sum"] + g["counts_sum"]
+        # d exp(x)/dx = exp(x)
+        g["norm_logits"] = g["counts"] * s["counts"]
+        # norm_logits = logits - logit_maxes: the max gets minus the row sum
+        g["logit_maxes"] = -g["norm_logits"].sum(1, keepdim=True)
+        # max picks one entry per row: route its gradient to the argmax
+        dlogits = g["norm_logits"].clone()
+        dlogits.scatter_add_(1, s["argmax"], g["logit_maxes"])
+        return dlogits

@@ -1,0 +1,169 @@
+"""Models: named layers in a Sequential, then the loss. The model's backward is
+the loss's backward followed by the layers' backward in reverse.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .errors import HandgradError
+from .layers import (
+    BatchNorm1d,
+    BatchNorm1dStepwise,
+    Embedding,
+    Flatten,
+    Linear,
+    Sequential,
+    Tanh,
+)
+from .loss import CrossEntropy, CrossEntropyStepwise
+
+
+@dataclass
+class ModelConfig:
+    model: str = "mlp"
+    vocab_size: int = 27
+    block_size: int = 3
+    n_embd: int = 10
+    n_hidden: int = 200
+    n_layers: int = 1
+    stepwise: bool = False  # stepwise BatchNorm and cross-entropy: every intermediate inspectable
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise HandgradError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class Model:
+    """Layers, loss, and the gradient buffers that the optimizer reads."""
+
+    def __init__(self, config: ModelConfig, net: Sequential):
+        self.config = config
+        self.net = net
+        self.loss_fn = CrossEntropyStepwise() if config.stepwise else CrossEntropy()
+
+    def forward(self, idx, targets=None):
+        """Logits for `idx`; with `targets`, the mean cross-entropy loss instead."""
+        logits = self.net.forward(idx)
+        if targets is None:
+            return logits
+        return self.loss_fn.forward(logits, targets)
+
+    def backward(self) -> None:
+        """Accumulate d loss / d parameter into the gradient buffers, for the last forward."""
+        self.net.backward(self.loss_fn.backward())
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.net.named_parameters())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for _, p in self.net.named_parameters()]
+
+    def grads(self) -> list[torch.Tensor]:
+        """Gradient buffers, in the order of `parameters()`."""
+        return [g for _, g in self.net.named_grads()]
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.net.named_buffers())
+
+    def named_intermediates(self) -> dict[str, torch.Tensor]:
+        out = dict(self.net.named_intermediates())
+        out.update(self.loss_fn.named_intermediates("loss."))
+        return out
+
+    def named_intermediate_grads(self) -> dict[str, torch.Tensor]:
+        out = dict(self.net.named_intermediate_grads())
+        out.update(self.loss_fn.named_intermediate_grads("loss."))
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def zero_grad(self) -> None:
+        self.net.zero_grad()
+
+    def clear_saved(self) -> None:
+        self.net.clear_saved()
+        self.loss_fn.clear_saved()
+
+    def train(self, mode: bool = True) -> "Model":
+        self.net.train(mode)
+        self.loss_fn.train(mode)
+        return self
+
+    def eval(self) -> "Model":
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return self.net.training
+
+    def to(self, device=None, dtype=None) -> "Model":
+        self.net.to(device, dtype)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers (BatchNorm running statistics) by name."""
+        return dict(self.named_parameters()) | dict(self.named_buffers())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise HandgradError(
+                "weights do not match the model config"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")
+            )
+        for name, t in own.items():
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise HandgradError(
+                    f"weights do not match the model config: {name} has shape "
+                    f"{tuple(state[name].shape)}, the config needs {tuple(t.shape)}"
+                )
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(state[name])
+
+
+def build_mlp(c: ModelConfig) -> Sequential:
+    """The seed notebook's MLP, drawn in the order of its get_params: C, w1, w2, b2."""
+    bn = BatchNorm1dStepwise if c.stepwise else BatchNorm1d
+    emb = Embedding(c.vocab_size, c.n_embd)
+    linear1 = Linear(c.n_embd * c.block_size, c.n_hidden, bias=False)
+    # 5/3 is tanh's gain; the extra 0.1 makes the first predictions nearly uniform
+    linear2 = Linear(c.n_hidden, c.vocab_size, gain=5 / 3)
+    linear2.params["weight"].mul_(0.1)
+    linear2.params["bias"].copy_(torch.randn(c.vocab_size) * 0)  # the seed's b2 draws, then zeroes
+    return Sequential([
+        ("embedding", emb),
+        ("flatten", Flatten()),
+        ("linear1", linear1),
+        ("batchnorm1", bn(c.n_hidden)),
+        ("tanh1", Tanh()),
+        ("linear2", linear2),
+    ])
+
+
+MODELS = {"mlp": build_mlp}
+
+DEFAULTS = {
+    "mlp": dict(block_size=3, n_embd=10, n_hidden=200, n_layers=1),
+}
+
+
+def build_model(config: ModelConfig, seed: int = 42, device=None, dtype=None) -> Model:
+    if config.model not in MODELS:
+        raise HandgradError(f"unknown model {config.model!r}: choose one of {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    model = Model(config, MODELS[config.model](config))
+    return model.to(device, dtype)

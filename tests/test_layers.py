@@ -1,0 +1,143 @@
+"""Every layer's backward against autograd and five-point central differences, float64, several shapes."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handgrad.gradcheck import check_layer, passed
+from handgrad.layers import (
+    BatchNorm1d,
+    BatchNorm1dStepwise,
+    Embedding,
+    Flatten,
+    FlattenConsecutive,
+    Linear,
+    Sequential,
+    Tanh,
+)
+
+
+def f64(layer):
+    return layer.to(dtype=torch.float64)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_ok(results):
+    bad = [(r.name, r.kind, r.max_abs_diff) for r in results if not r.close]
+    assert not bad, bad
+    kinds = {r.kind for r in results}
+    assert "finite-difference" in kinds  # both references actually ran
+
+
+SHAPES_2D = [(2, 3), (5, 4), (16, 7)]
+SHAPES_3D = [(2, 4, 3), (3, 2, 5), (4, 8, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
+def test_tanh(shape):
+    assert_ok(check_layer(Tanh(), randn(*shape)))
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(shape, bias):
+    torch.manual_seed(1)
+    layer = f64(Linear(shape[-1], 6, bias=bias))
+    results = check_layer(layer, randn(*shape))
+    assert_ok(results)
+    assert {r.name for r in results} >= ({"input", "weight", "bias"} if bias else {"input", "weight"})
+
+
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
+def test_batchnorm_training(cls, shape):
+    layer = f64(cls(shape[-1]))
+    layer.params["weight"].copy_(randn(shape[-1], seed=3) + 1)
+    layer.params["bias"].copy_(randn(shape[-1], seed=4))
+    assert_ok(check_layer(layer, randn(*shape) * 3 + 1))
+
+
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5)])
+def test_batchnorm_eval_uses_running_stats(cls, shape):
+    layer = f64(cls(shape[-1])).eval()
+    layer.buffers["running_mean"].copy_(randn(shape[-1], seed=5))
+    layer.buffers["running_var"].copy_(randn(shape[-1], seed=6).abs() + 0.5)
+    assert_ok(check_layer(layer, randn(*shape)))
+    x = randn(*shape)
+    with torch.no_grad():
+        out = layer.forward(x)
+    expected = (x - layer.buffers["running_mean"]) / torch.sqrt(layer.buffers["running_var"] + layer.eps)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 5, 3)])
+def test_batchnorm_running_stats_update(shape):
+    layer = f64(BatchNorm1d(shape[-1], momentum=0.01))
+    x = randn(*shape) * 2 + 3
+    layer.forward(x)
+    dims = tuple(range(x.ndim - 1))
+    torch.testing.assert_close(layer.buffers["running_mean"], 0.01 * x.mean(dims))
+    torch.testing.assert_close(layer.buffers["running_var"], 0.99 + 0.01 * x.var(dims, correction=0))
+
+
+def test_batchnorm_fused_matches_stepwise():
+    x = randn(6, 5, 4)
+    a, b = f64(BatchNorm1d(4)), f64(BatchNorm1dStepwise(4))
+    torch.testing.assert_close(a.forward(x), b.forward(x))
+    d = randn(6, 5, 4, seed=9)
+    torch.testing.assert_close(a.backward(d), b.backward(d))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (5, 1), (4, 8)])
+def test_embedding(shape):
+    torch.manual_seed(2)
+    layer = f64(Embedding(7, 4))
+    idx = torch.randint(0, 7, shape, generator=torch.Generator().manual_seed(3))
+    idx[0, 0] = idx[-1, -1]  # a repeated id: its rows must add up
+    assert_ok(check_layer(layer, idx))
+
+
+@pytest.mark.parametrize("shape", SHAPES_3D)
+def test_flatten(shape):
+    assert_ok(check_layer(Flatten(), randn(*shape)))
+
+
+@pytest.mark.parametrize("shape,n", [((2, 4, 3), 2), ((3, 8, 2), 4), ((2, 2, 5), 2), ((3, 6, 2), 3)])
+def test_flatten_consecutive(shape, n):
+    layer = FlattenConsecutive(n)
+    out = layer.forward(randn(*shape))
+    B, T, C = shape
+    assert out.shape == ((B, C * n) if T == n else (B, T // n, C * n))
+    assert_ok(check_layer(layer, randn(*shape)))
+
+
+def test_flatten_consecutive_rejects_indivisible_time():
+    with pytest.raises(ValueError, match="divisible"):
+        FlattenConsecutive(2).forward(randn(2, 3, 4))
+
+
+def test_sequential_backward_runs_in_reverse():
+    torch.manual_seed(0)
+    net = f64(Sequential([
+        ("linear1", Linear(4, 6)),
+        ("bn", BatchNorm1dStepwise(6)),
+        ("tanh", Tanh()),
+        ("linear2", Linear(6, 3)),
+    ]))
+    results = check_layer(net, randn(5, 4))
+    assert_ok(results)
+    assert {r.name for r in results} >= {"input", "linear1.weight", "bn.weight", "linear2.bias"}
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(2, 9), time=st.integers(1, 4), fan_in=st.integers(1, 6), fan_out=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_linear_bn_tanh_random_shapes(batch, time, fan_in, fan_out, seed):
+    torch.manual_seed(seed)
+    net = f64(Sequential([("linear", Linear(fan_in, fan_out)), ("bn", BatchNorm1d(fan_out)), ("tanh", Tanh())]))
+    x = torch.randn(batch, time, fan_in, dtype=torch.float64) if time > 1 else torch.randn(batch, fan_in, dtype=torch.float64)
+    assert_ok(check_layer(net, x))
