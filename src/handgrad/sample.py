@@ -10,6 +10,8 @@ from .data import Vocab
 def generate(model, vocab: Vocab, n: int = 20, temperature: float = 1.0, seed: int | None = None,
              max_len: int = 100, device=None) -> list[str]:
     """Sample n items in eval mode (BatchNorm uses its running statistics)."""
+    if n == 0:
+        return []
     gen = torch.Generator(device=device or "cpu")
     if seed is not None:
         gen.manual_seed(seed)
