@@ -1,11 +1,28 @@
-"""Saving and loading models: safetensors for tensors, JSON for the rest.
-Never pickle, so loading a file cannot run code. Every write is atomic.
+"""Saving and loading: safetensors for tensors, JSON for the rest, never pickle.
+
+A run folder holds two self-contained files, each written atomically:
+
+- model.safetensors: weights and BatchNorm running statistics, with the model
+  config, vocabulary and data description as JSON in the safetensors header.
+  `sample` and `eval` read only this file (model.json is a readable copy).
+- checkpoint.safetensors: the whole training state in one file, so it can
+  never be half old and half new: the model's tensors ('model.'), the
+  optimizer's ('optimizer.'), torch's generator states ('rng.'), and in the
+  header the training config, step, elapsed time, Python's `random` state.
+
+Loading parses safetensors (a JSON header and raw numbers), so a file cannot
+run code; a pickle found where one of these is expected is refused by name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import signal
 import tempfile
+import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,6 +36,21 @@ from .model import Model, ModelConfig, build_model
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT, MODEL_WEIGHTS, MODEL_META, METRICS, "run.json")
+MODEL_FORMAT = "handgrad-model"
+CHECKPOINT_FORMAT = "handgrad-checkpoint"
+HEADER_KEY = "handgrad"  # the safetensors metadata entry holding our JSON
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() would give; mkstemp's 0600 would keep shared models private
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,6 +58,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -44,66 +77,275 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files that a killed write left behind (only ours: '.<run file>.*.tmp')."""
+    for name in RUN_FILES:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
+    # clone: safetensors refuses tensors that share memory, and views of one buffer may do
+    atomic_write_bytes(path, st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_bytes(path: Path, what: str) -> bytes:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise HandgradError(f"missing file: {path}") from None
-    try:
-        return st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise HandgradError(f"{path} is not a valid safetensors file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        raise HandgradError(f"missing {what}: {path}") from None
+    except IsADirectoryError:
+        raise HandgradError(f"{what} {path} is a folder, not a file") from None
+    except OSError as e:
+        raise HandgradError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def load_json(path: Path) -> dict:
+def looks_like_pickle(data: bytes) -> bool:
+    """Pickle protocol 2+ opens with 0x80; torch.save writes a zip archive holding a pickle."""
+    return data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"
+
+
+def read_safetensors(path: Path, what: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of one file, read once (a concurrent save cannot mix two versions)."""
     path = Path(path)
+    data = read_bytes(path, what)
+    if looks_like_pickle(data):
+        raise HandgradError(f"{path} is a pickle (torch.save) file, not safetensors; handgrad never loads pickles, "
+                            "since loading one can run arbitrary code")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HandgradError(f"missing file: {path}") from None
-    except UnicodeDecodeError:
-        raise HandgradError(f"{path} is not valid JSON (not UTF-8)") from None
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, AttributeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HandgradError(f"{path} is not a valid safetensors file (truncated or corrupt?): {reason}") from None
+    return tensors, metadata
+
+
+def header_json(path: Path, metadata: dict[str, str], fmt: str) -> dict:
+    if metadata.get("format") != fmt or HEADER_KEY not in metadata:
+        raise HandgradError(f"{path} is not a {fmt} file (its header lacks handgrad's metadata)")
     try:
-        obj = json.loads(text)
+        obj = json.loads(metadata[HEADER_KEY])
     except json.JSONDecodeError as e:
-        raise HandgradError(f"{path} is not valid JSON (truncated or corrupt?): {e.msg} at line {e.lineno}") from None
+        raise HandgradError(f"{path}: the header's metadata is not valid JSON: {e.msg}") from None
     if not isinstance(obj, dict):
-        raise HandgradError(f"{path} does not hold a JSON object")
+        raise HandgradError(f"{path}: the header's metadata is not a JSON object")
     return obj
 
 
+def model_from_meta(path: Path, meta: dict, state: dict[str, torch.Tensor], device=None, dtype=None) -> tuple[Model, Vocab]:
+    """Build the model that `meta` describes and load `state`; every disagreement is a HandgradError naming `path`."""
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        if not isinstance(meta["vocab"], list) or not all(isinstance(c, str) for c in meta["vocab"]):
+            raise ValueError("vocab must be a list of characters")
+        vocab = Vocab(meta["vocab"])
+        for f in fields(ModelConfig):
+            value = getattr(config, f.name)
+            if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{f.name} must be a positive whole number, got {value!r}")
+    except (KeyError, TypeError, ValueError, HandgradError) as e:
+        raise HandgradError(f"{path}: the model config is malformed: {e}") from None
+    if config.vocab_size != len(vocab):
+        raise HandgradError(f"{path}: vocab_size {config.vocab_size} disagrees with the {len(vocab)}-token vocabulary")
+    if not state:
+        raise HandgradError(f"{path} holds no weights")
+    try:
+        model = build_model(config, device=device, dtype=dtype or next(iter(state.values())).dtype)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise HandgradError(f"{path}: cannot build the model its config describes: {e}") from None
+    except HandgradError as e:
+        raise HandgradError(f"{path}: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except HandgradError as e:
+        raise HandgradError(f"{path}: {e}") from None
+    return model, vocab
+
+
 def save_model(out_dir: Path, model: Model, vocab: Vocab, extra: dict | None = None) -> None:
-    """model.safetensors (weights and BatchNorm running statistics) and model.json (config, vocabulary)."""
+    """model.safetensors (weights and BatchNorm running statistics, config and vocabulary in its header)
+    and model.json, a readable copy of the header."""
     out_dir = Path(out_dir)
     meta = {"config": model.config.to_dict(), "vocab": vocab.chars, **(extra or {})}
-    save_tensors(out_dir / MODEL_WEIGHTS, model.state_dict(), {"format": "handgrad-model"})
+    save_tensors(out_dir / MODEL_WEIGHTS, model.state_dict(),
+                 {"format": MODEL_FORMAT, HEADER_KEY: json.dumps(meta, ensure_ascii=False)})
     atomic_write_json(out_dir / MODEL_META, meta)
 
 
-def load_model(out_dir: Path, device=None, dtype=None) -> tuple[Model, Vocab, dict]:
+def check_run_folder(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HandgradError(f"{out_dir} is a file, not a run folder")
     if not out_dir.is_dir():
         raise HandgradError(f"no such run folder: {out_dir}")
-    if not (out_dir / MODEL_META).exists() or not (out_dir / MODEL_WEIGHTS).exists():
-        raise HandgradError(f"no saved model in {out_dir} (expected {MODEL_META} and {MODEL_WEIGHTS}); train one with: handgrad train -o {out_dir}")
-    meta = load_json(out_dir / MODEL_META)
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-        vocab = Vocab(list(meta["vocab"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise HandgradError(f"{out_dir / MODEL_META} is malformed: {e}") from None
-    if config.vocab_size != len(vocab):
-        raise HandgradError(f"{out_dir / MODEL_META}: vocab_size {config.vocab_size} disagrees with the {len(vocab)}-token vocabulary")
-    state = load_tensors(out_dir / MODEL_WEIGHTS)
-    model = build_model(config, device=device, dtype=dtype or next(iter(state.values())).dtype)
-    model.load_state_dict(state)
+    return out_dir
+
+
+def load_model(out_dir: Path, device=None, dtype=None) -> tuple[Model, Vocab, dict]:
+    """The model saved in a run folder, its vocabulary, and its header's metadata."""
+    out_dir = check_run_folder(out_dir)
+    path = out_dir / MODEL_WEIGHTS
+    if not path.exists():
+        raise HandgradError(f"no saved model in {out_dir} (expected {MODEL_WEIGHTS}); train one with: handgrad train -o {out_dir}")
+    state, metadata = read_safetensors(path, "model file")
+    meta = header_json(path, metadata, MODEL_FORMAT)
+    model, vocab = model_from_meta(path, meta, state, device=device, dtype=dtype)
     return model, vocab, meta
+
+
+def data_fingerprint(words: list[str]) -> str:
+    """sha256 of the prepared (deduplicated, shuffled) items: a resumed run must see the very same data."""
+    return hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()
+
+
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every generator the run can draw from: Python's `random`, torch's CPU one, and the GPU's."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    version, state, gauss_next = random.getstate()
+    return tensors, {"python_random": [version, list(state), gauss_next]}
+
+
+def set_rng_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
+    try:
+        version, state, gauss_next = meta["python_random"]
+        random.setstate((version, tuple(state), gauss_next))
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise HandgradError(f"{path}: the random-number-generator state is malformed: {e}") from None
+
+
+@dataclass
+class Checkpoint:
+    """A training state read back: where, which step, and what to restore."""
+
+    path: Path
+    step: int
+    meta: dict  # config, model_config, vocab, data, elapsed, python_random
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+    def restore(self, model: Model, optimizer) -> None:
+        """Weights, running statistics and optimizer state; the generators come last (`restore_rng`),
+        after anything else that seeds them."""
+        try:
+            model.load_state_dict(self.model_state)
+            optimizer.load_state_dict(self.optimizer_state)
+        except HandgradError as e:
+            raise HandgradError(f"{self.path}: {e}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise HandgradError(f"{self.path}: the optimizer state does not fit this optimizer: {e}") from None
+
+    def restore_rng(self, device: torch.device) -> None:
+        set_rng_state(self.path, self.rng, self.meta, device)
+
+
+def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab: Vocab, meta: dict,
+                    device: torch.device) -> None:
+    """checkpoint.safetensors (the training state after `step` steps), then model.safetensors.
+
+    Each file is whole on its own; a kill between the two leaves the model one
+    save behind the checkpoint, and both load.
+    """
+    out_dir = Path(out_dir)
+    rng_tensors, rng_meta = rng_state(device)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"optimizer.{k}": v for k, v in optimizer.state_dict().items()}
+    tensors |= rng_tensors
+    header = {"step": step, "model_config": model.config.to_dict(), "vocab": vocab.chars, **meta, **rng_meta}
+    save_tensors(out_dir / CHECKPOINT, tensors,
+                 {"format": CHECKPOINT_FORMAT, HEADER_KEY: json.dumps(header, ensure_ascii=False)})
+    save_model(out_dir, model, vocab, {"step": step, "data": meta.get("data")})
+
+
+def load_checkpoint(out_dir: Path) -> Checkpoint:
+    out_dir = check_run_folder(out_dir)
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        raise HandgradError(f"nothing to resume in {out_dir}: no {CHECKPOINT} (start a run with: handgrad train -o {out_dir})")
+    tensors, metadata = read_safetensors(path, "checkpoint")
+    meta = header_json(path, metadata, CHECKPOINT_FORMAT)
+    step = meta.get("step")
+    elapsed = meta.get("elapsed")
+    if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(meta.get("config"), dict)
+            or not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool)):
+        raise HandgradError(f"{path}: the header lacks a valid step, training config or elapsed time")
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
+    for key, t in tensors.items():
+        part, _, name = key.partition(".")
+        if part not in parts or not name:
+            raise HandgradError(f"{path}: unexpected tensor {key!r}")
+        parts[part][name if part != "rng" else key] = t
+    return Checkpoint(path, step, meta, parts["model"], parts["optimizer"], parts["rng"])
+
+
+class StopAtStepBoundary:
+    """Ctrl-C (SIGINT) during training sets `requested`; the loop reads it between steps, so
+    the checkpoint it then saves holds whole steps. A second Ctrl-C stops at once (the last
+    checkpoint on disk stays whole: every write is atomic)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    """A fresh run never overwrites a saved model or checkpoint (the logs of a run that saved neither may go)."""
+    found = [name for name in (CHECKPOINT, MODEL_WEIGHTS) if (Path(out_dir) / name).exists()]
+    if found:
+        raise HandgradError(f"{out_dir} already holds a run ({', '.join(found)}); continue it with "
+                            f"handgrad train -o {out_dir} --resume, or choose another -o folder")
+
+
+def check_resumable(ckpt: Checkpoint, model_config: dict, data: dict) -> None:
+    """The rebuilt model and the data must be the checkpoint's, or the resumed run would not continue it."""
+    saved = ckpt.meta.get("data") or {}
+    if saved.get("sha256") != data["sha256"]:
+        raise HandgradError(f"the data differs from the data the checkpoint was trained on ({saved.get('source')}, "
+                            f"{saved.get('items')} items); resuming needs the same file, unchanged")
+    if ckpt.meta.get("model_config") != model_config:
+        raise HandgradError(f"{ckpt.path}: its model config {ckpt.meta.get('model_config')} disagrees with its "
+                            f"training config, which builds {model_config}")
+
+
+def continue_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the records of steps before `step` (a killed run may have logged past its last
+    checkpoint, or left half a line), rewrite the file atomically, and return them."""
+    path = Path(path)
+    kept, lines = [], []
+    if step > 0 and path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < step:
+                kept.append(rec)
+                lines.append(line + "\n")
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+    return kept

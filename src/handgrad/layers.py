@@ -13,6 +13,14 @@ from __future__ import annotations
 import torch
 
 
+def zero_all(tensors: list[torch.Tensor]) -> None:
+    if torch.compiler.is_compiling():  # the compiler fuses these into its kernels
+        for t in tensors:
+            t.zero_()
+    elif tensors:
+        torch._foreach_zero_(tensors)  # eager: one call for the whole list
+
+
 class Module:
     """Parameters, their gradient buffers, non-trained buffers, saved intermediates."""
 
@@ -53,8 +61,7 @@ class Module:
     inspectable: tuple[str, ...] = ()
 
     def zero_grad(self) -> None:
-        for g in self.grads.values():
-            g.zero_()
+        zero_all([g for _, g in self.named_grads()])
 
     def clear_saved(self) -> None:
         """Drop what the last forward and backward kept."""
@@ -82,6 +89,9 @@ class Module:
         raise NotImplementedError
 
 
+SMALL = 1 << 16  # elements; below this a step's time is the number of ops, above it the passes over memory
+
+
 class Embedding(Module):
     """Lookup table: ids (B, T) -> vectors (B, T, C)."""
 
@@ -91,7 +101,8 @@ class Embedding(Module):
 
     def forward(self, idx):
         self.saved["idx"] = idx
-        return self.params["weight"][idx]
+        w = self.params["weight"]
+        return w.index_select(0, idx.reshape(-1)).view(*idx.shape, w.shape[1])
 
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
@@ -145,33 +156,38 @@ class Linear(Module):
 
     def forward(self, x):
         self.saved["x"] = x
-        out = x @ self.params["weight"]
-        if "bias" in self.params:
-            out = out + self.params["bias"]
-        return out
+        w, b = self.params["weight"], self.params.get("bias")
+        x2 = x.reshape(-1, w.shape[0])  # (batch, time, channels) rows are one matrix
+        out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
+        return out.view(*x.shape[:-1], w.shape[1])
 
     # y = x W + b:  dx = dy W^T,  dW = x^T dy,  db = sum over rows of dy
     def backward(self, dout):
-        x = self.saved["x"]
         w = self.params["weight"]
-        x2 = x.reshape(-1, w.shape[0])
+        x2 = self.saved["x"].reshape(-1, w.shape[0])
         d2 = dout.reshape(-1, w.shape[1])
         self.grads["weight"].addmm_(x2.T, d2)
         if "bias" in self.grads:
             self.grads["bias"].add_(d2.sum(0))
-        return dout @ w.T
+        return torch.mm(d2, w.T).view(*dout.shape[:-1], w.shape[0])
 
 
 class Tanh(Module):
+    """tanh(x). Over large tensors computed as 2 sigmoid(2x) - 1: the same function (float32
+    results within 2e-7 of torch.tanh), and on a CPU core several times faster, eager or compiled."""
+
     def forward(self, x):
-        out = torch.tanh(x)
+        if x.numel() <= SMALL:  # dispatch cost dominates: one op
+            out = torch.tanh(x)
+        else:  # in place only on temporaries, so autograd can run it too
+            out = (x * 2).sigmoid_().mul(2).sub_(1)
         self.saved["out"] = out
         return out
 
-    # d tanh(x)/dx = 1 - tanh(x)^2
+    # d tanh(x)/dx = 1 - tanh(x)^2, from the saved output:  dx = dout - dout * out * out
     def backward(self, dout):
         out = self.saved["out"]
-        return dout * (1 - out * out)
+        return torch.addcmul(dout, dout * out, out, value=-1)
 
 
 class BatchNorm1d(Module):
@@ -197,36 +213,42 @@ class BatchNorm1d(Module):
         return tuple(range(x.ndim - 1))
 
     def update_running_stats(self, mean, var) -> None:
+        # running <- (1 - momentum) * running + momentum * batch statistic
         with torch.no_grad():
-            m = self.momentum
-            self.buffers["running_mean"].mul_(1 - m).add_(mean.reshape(-1), alpha=m)
-            self.buffers["running_var"].mul_(1 - m).add_(var.reshape(-1), alpha=m)
+            torch._foreach_lerp_([self.buffers["running_mean"], self.buffers["running_var"]],
+                                 [mean.reshape(-1), var.reshape(-1)], self.momentum)
 
     def forward(self, x):
         if self.training:
+            # two passes (mean, then the mean square of x - mean): exact, and far faster over a
+            # long batch axis than a one-pass running variance
             dims = self.reduce_dims(x)
-            var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+            mean = x.mean(dims, keepdim=True)
+            xc = x - mean
+            var = (xc * xc).mean(dims, keepdim=True)
             self.update_running_stats(mean, var)
         else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-        rstd = torch.rsqrt(var + self.eps)
-        xhat = (x - mean) * rstd
+            xc = x - self.buffers["running_mean"]
+            var = self.buffers["running_var"]
+        rstd = (var + self.eps).rsqrt_()
+        xhat = xc * rstd
         self.saved["xhat"], self.saved["rstd"] = xhat, rstd
-        return xhat * self.params["weight"] + self.params["bias"]
+        return torch.addcmul(self.params["bias"], xhat, self.params["weight"])
 
     # xhat = (x - mean) * rstd over N rows:  dx = gamma * rstd / N * (N dy - sum(dy) - xhat * sum(dy * xhat))
     def backward(self, dout):
         dims = self.reduce_dims(dout)
         xhat, rstd = self.saved["xhat"], self.saved["rstd"]
-        gamma = self.params["weight"]
         dout_sum = dout.sum(dims)
         dout_xhat_sum = (dout * xhat).sum(dims)
-        self.grads["weight"].add_(dout_xhat_sum)
-        self.grads["bias"].add_(dout_sum)
+        torch._foreach_add_([self.grads["weight"], self.grads["bias"]], [dout_xhat_sum, dout_sum])
+        scale = self.params["weight"] * rstd  # gamma * rstd
         if not self.training:  # running statistics are constants
-            return dout * (gamma * rstd)
-        n = dout.numel() // dout.shape[-1]
-        return (gamma * rstd / n) * (n * dout - dout_sum - xhat * dout_xhat_sum)
+            return dout * scale
+        c = scale * (-1 / (dout.numel() // dout.shape[-1]))  # -gamma * rstd / N
+        # two passes: dout * scale + c * sum(dy), then + c * sum(dy * xhat) * xhat
+        dx = torch.addcmul(c * dout_sum, dout, scale)
+        return dx.addcmul_(xhat, c * dout_xhat_sum)
 
 
 class BatchNorm1dStepwise(BatchNorm1d):
@@ -326,8 +348,7 @@ class Sequential(Module):
             yield from layer.named_intermediate_grads(f"{prefix}{name}.")
 
     def zero_grad(self) -> None:
-        for layer in self.layers.values():
-            layer.zero_grad()
+        zero_all([g for _, g in self.named_grads()])
 
     def clear_saved(self) -> None:
         self.outputs.clear()

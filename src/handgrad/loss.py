@@ -11,16 +11,16 @@ class CrossEntropy(Module):
 
     def forward(self, logits, targets):
         logits = logits.reshape(-1, logits.shape[-1])
+        targets = targets.reshape(-1)
         # log_softmax subtracts the row max before exponentiating, so large logits cannot overflow
         logprobs = torch.log_softmax(logits, dim=1)
-        self.saved["logprobs"], self.saved["targets"] = logprobs, targets.reshape(-1)
-        return -logprobs.gather(1, self.saved["targets"][:, None]).mean()
+        self.saved["logprobs"], self.saved["targets"] = logprobs, targets
+        return torch.nn.functional.nll_loss(logprobs, targets)  # mean over rows of -logprobs[row, target]
 
     # d loss / d logits = (softmax(logits) - onehot(targets)) / N
     def backward(self, dloss=1.0):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
-        dlogits = logprobs.exp()
-        dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        dlogits = logprobs.exp().scatter_(1, targets[:, None], -1.0, reduce="add")
         return dlogits.mul_(dloss / len(targets))
 
 

@@ -13,6 +13,7 @@ from .layers import (
     BatchNorm1dStepwise,
     Embedding,
     Flatten,
+    FlattenConsecutive,
     Linear,
     Sequential,
     Tanh,
@@ -154,10 +155,74 @@ def build_mlp(c: ModelConfig) -> Sequential:
     ])
 
 
-MODELS = {"mlp": build_mlp}
+# Initialisation of the deeper models: Kaiming for tanh, weights ~ N(0, 1) * (5/3) / sqrt(fan_in),
+# so each Linear keeps its output variance near its input's and tanh's 5/3 gain undoes its squashing;
+# BatchNorm after each Linear then fixes the scale exactly, and the output layer is scaled by 0.1 so the
+# first predictions are nearly uniform (loss near ln(vocab_size)) instead of confidently wrong.
+TANH_GAIN = 5 / 3
+
+
+def hidden_block(i: int, fan_in: int, c: ModelConfig) -> list[tuple[str, object]]:
+    """Linear -> BatchNorm -> Tanh, named with the block number (linear1, batchnorm1, tanh1, ...)."""
+    bn = BatchNorm1dStepwise if c.stepwise else BatchNorm1d
+    return [
+        (f"linear{i}", Linear(fan_in, c.n_hidden, bias=False, gain=TANH_GAIN)),  # BatchNorm's shift makes a bias redundant
+        (f"batchnorm{i}", bn(c.n_hidden)),
+        (f"tanh{i}", Tanh()),
+    ]
+
+
+def output_layer(c: ModelConfig) -> Linear:
+    out = Linear(c.n_hidden, c.vocab_size)
+    out.params["weight"].mul_(0.1)
+    return out
+
+
+def build_deep_mlp(c: ModelConfig) -> Sequential:
+    """The context's embeddings concatenated, then n_layers Linear -> BatchNorm -> Tanh blocks."""
+    layers = [("embedding", Embedding(c.vocab_size, c.n_embd)), ("flatten", Flatten())]
+    fan_in = c.n_embd * c.block_size
+    for i in range(1, c.n_layers + 1):
+        layers += hidden_block(i, fan_in, c)
+        fan_in = c.n_hidden
+    layers.append((f"linear{c.n_layers + 1}", output_layer(c)))
+    return Sequential(layers)
+
+
+def build_wavenet(c: ModelConfig) -> Sequential:
+    """Hierarchical: pairs of neighbouring time steps are fused n_layers times, 2^n_layers -> 1."""
+    if c.block_size != 2**c.n_layers:
+        raise HandgradError(
+            f"wavenet fuses pairs of time steps n_layers times, so block_size must be 2^n_layers: "
+            f"n_layers {c.n_layers} needs block_size {2**c.n_layers}, got {c.block_size}"
+        )
+    layers = [("embedding", Embedding(c.vocab_size, c.n_embd))]
+    fan_in = c.n_embd
+    for i in range(1, c.n_layers + 1):
+        layers.append((f"flatten{i}", FlattenConsecutive(2)))
+        layers += hidden_block(i, 2 * fan_in, c)
+        fan_in = c.n_hidden
+    layers.append((f"linear{c.n_layers + 1}", output_layer(c)))
+    return Sequential(layers)
+
+
+MODELS = {"mlp": build_mlp, "deep-mlp": build_deep_mlp, "wavenet": build_wavenet}
 
 DEFAULTS = {
     "mlp": dict(block_size=3, n_embd=10, n_hidden=200, n_layers=1),
+    "deep-mlp": dict(block_size=3, n_embd=10, n_hidden=100, n_layers=5),
+    "wavenet": dict(block_size=8, n_embd=24, n_hidden=128, n_layers=3),
+}
+
+# How each model trains well on names-like data: `handgrad train`'s defaults where no flag says otherwise.
+# The mlp keeps the seed's recipe. The deeper models use AdamW with a cosine schedule, and batches large
+# enough that a step's cost is mostly arithmetic rather than per-operation overhead (measured in docs/models.md).
+TRAINING = {
+    "mlp": dict(optimizer="sgd", lr=1.0, schedule="step", warmup=0, weight_decay=0.0, steps=10_000, batch_size=32),
+    "deep-mlp": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.0, steps=30_000,
+                     batch_size=64),
+    "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
+                    batch_size=128),
 }
 
 

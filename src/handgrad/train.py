@@ -6,10 +6,10 @@ buffers that the gradient check verifies (the optimizer's own list).
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -17,9 +17,13 @@ import torch
 from . import checkpoint
 from .data import SPLITS, make_dataset
 from .errors import HandgradError
+from .divergence import DivergenceWatch
 from .gradcheck import check_model, format_table, passed
-from .model import DEFAULTS, ModelConfig, build_model
+from .model import DEFAULTS, TRAINING, ModelConfig, build_model
 from .optim import SGD, step_schedule
+from .optim import learning_rate, make_optimizer
+from . import diagnostics
+from . import fastpath
 from .sample import generate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -35,19 +39,37 @@ class TrainConfig:
     n_embd: int | None = None
     n_hidden: int | None = None
     n_layers: int | None = None
-    steps: int = 10_000
-    batch_size: int = 32
-    lr: float = 1.0
+    steps: int | None = None  # None here and below: the model's default (model.TRAINING)
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None  # sgd, momentum or adamw
+    schedule: str | None = None  # step (the seed's) or cosine (with warm-up)
+    warmup: int | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    diagnostics: bool = False  # tanh saturation and gradient-to-data ratios at each evaluation
     seed: int = 42
     eval_every: int = 1000
     log_every: int = 100
+    save_every: int = 1000  # steps between checkpoints (0: only at the end and on Ctrl-C)
     grad: str = "manual"  # or "autograd", to compare
+    impl: str = "auto"  # manual step: eager, compiled (fastpath), or auto (compiled when the run repays the compile)
     check: bool = True  # gradient check on one batch before the first step
     check_every: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     num_samples: int = 20
     extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every training setting left as None filled in from the model's defaults."""
+        if self.model not in TRAINING:
+            raise HandgradError(f"unknown model {self.model!r}: choose one of {', '.join(TRAINING)}")
+        d = asdict(self)
+        for k, v in TRAINING[self.model].items():
+            if d[k] is None:
+                d[k] = v
+        return TrainConfig(**d)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         d = dict(DEFAULTS[self.model])
@@ -119,10 +141,11 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, n: int, loss: float) -> None:
+    def update(self, n: int, loss: float | None = None) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def write(self, line: str) -> None:
         if self.bar is not None:
@@ -159,8 +182,14 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, evaluate, sample and save; returns run.json's content."""
+def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict:
+    """Train, evaluate, sample and save; returns run.json's content.
+
+    With `resume` (from `resume_config`), continue that checkpoint's run: weights,
+    optimizer state, generators, metrics, so the result is bit-identical to an
+    uninterrupted run.
+    """
+    cfg = cfg.resolved()
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     out_dir = Path(cfg.out)
@@ -174,8 +203,23 @@ def train(cfg: TrainConfig) -> dict:
         raise HandgradError("the training split is empty")
     mcfg = cfg.model_config(len(ds.vocab))
     model = build_model(mcfg, seed=cfg.seed, device=device, dtype=dtype)
-    optimizer = SGD(model.parameters(), model.grads(), lr=cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    print(f"optimizer: {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} schedule"
+          + (f", warm-up {cfg.warmup}" if cfg.schedule == "cosine" else "")
+          + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
+          + f"; {cfg.steps:,} steps of batch {cfg.batch_size}")
     print(f"model: {mcfg.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
+    if cfg.batch_size < 2 and any(name.endswith("running_var") for name, _ in model.named_buffers()):
+        raise HandgradError(f"--batch-size {cfg.batch_size} cannot train a model with BatchNorm: the variance of a batch "
+                            "of one example is undefined; use --batch-size 2 or more")
+    data_meta = {"source": ds.source, "split": cfg.split, "seed": cfg.seed, "items": len(ds.words),
+                 "sha256": checkpoint.data_fingerprint(ds.words)}
+    if resume is not None:
+        checkpoint.check_resumable(resume, mcfg.to_dict(), data_meta)
+        resume.restore(model, optimizer)
+        print(f"resuming {resume.path} at step {resume.step:,} of {cfg.steps:,}")
+    else:
+        checkpoint.refuse_existing_run(out_dir)
     X = {s: ds.X[s].to(device) for s in SPLITS}
     Y = {s: ds.Y[s].to(device) for s in SPLITS}
 
@@ -190,16 +234,47 @@ def train(cfg: TrainConfig) -> dict:
         print(f"gradient check: {len(results)} tensors match autograd (max abs diff {worst:.1e}); the optimizer reads these buffers")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics: list[dict] = []
+    checkpoint.remove_stale_temporaries(out_dir)
+    start = resume.step if resume is not None else 0
+    metrics_path = out_dir / checkpoint.METRICS
+    metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
+    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics)
+    if impl == "compiled":
+        step_fn = fastpath.compiled_train_step(model)
+    print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
-    progress = Progress(cfg.steps)
-    torch.manual_seed(cfg.seed)  # the batch order, as the seed notebook: reseed, then randint per step
-    t0 = time.perf_counter()
-    with open(metrics_path, "w", encoding="utf-8") as mf:
-        for step in range(cfg.steps):
-            lr = step_schedule(step, cfg.steps, cfg.lr)
+    last_saved = start if resume is not None else None
+
+    def left_on_disk() -> str:
+        if last_saved is None:
+            return "; no checkpoint had been saved"
+        return (f"; the checkpoint of step {last_saved:,} is left as it was, to continue with: "
+                f"handgrad train -o {out_dir} --resume --lr LOWER")
+
+    names = [name for name, _ in model.named_parameters()]  # optimizer.grads follow the parameters' order
+    watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk)
+
+    def save(step: int) -> None:
+        """Only a run checked finite is saved; metrics reach the disk before the checkpoint that counts them."""
+        nonlocal last_saved
+        watch.check()
+        watch.check_weights(step, model.parameters())
+        mf.flush()
+        os.fsync(mf.fileno())
+        checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, vocab=ds.vocab, device=device,
+                                   meta={"config": asdict(cfg), "data": data_meta, "elapsed": time.perf_counter() - t0})
+        last_saved = step
+
+    progress = Progress(cfg.steps, initial=start)
+    if resume is not None:
+        resume.restore_rng(device)  # after everything above that seeds or draws
+    else:
+        torch.manual_seed(cfg.seed)  # the batch order, as the seed notebook: reseed, then randint per step
+    t0 = time.perf_counter() - (resume.meta["elapsed"] if resume is not None else 0.0)
+    with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf:
+        for step in range(start, cfg.steps):
+            lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup)
             idx = torch.randint(0, ntrain, (cfg.batch_size,)).to(device)
             x, y = X["train"][idx], Y["train"][idx]
             if cfg.check_every and step % cfg.check_every == 0:
@@ -208,14 +283,16 @@ def train(cfg: TrainConfig) -> dict:
                     bad = [r.name for r in results if not r.close]
                     raise HandgradError(f"step {step}: manual gradients disagree with autograd for {', '.join(bad)}")
             loss = step_fn(model, x, y)
+            watch.observe(step, loss)
             last = step == cfg.steps - 1
             log = step % cfg.log_every == 0 or last
             evaluate_now = cfg.eval_every and (step % cfg.eval_every == 0 or last)
             if log or evaluate_now:
                 loss_value = float(loss)
-                if not math.isfinite(loss_value):
-                    raise HandgradError(f"step {step}: the loss became {loss_value}; lower the learning rate (--lr)")
+                watch.check()
                 rec = {"step": step, "lr": lr, "train_loss": loss_value}
+                if evaluate_now and cfg.diagnostics:  # before evaluate, which drops the batch's activations
+                    rec.update(diagnostics.measure(model))
                 if evaluate_now:
                     rec["val_loss"] = evaluate(model, X["val"], Y["val"])
                 rec["elapsed"] = time.perf_counter() - t0
@@ -225,7 +302,17 @@ def train(cfg: TrainConfig) -> dict:
                     rate = (step + 1) / max(rec["elapsed"], 1e-9)
                     progress.write(f"step {step:>7} | lr {lr:.4g} | train {loss_value:.4f} | val {rec['val_loss']:.4f} | {rate:,.0f} steps/s")
             optimizer.step(lr)
-            progress.update(1, float(loss) if progress.bar is not None and step % 50 == 0 else 0.0)
+            # reading the loss syncs with the device: only every 50 steps, and only for the bar
+            progress.update(1, float(loss) if progress.bar is not None and step % 50 == 0 else None)
+            done = step + 1
+            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps):
+                save(done)
+            if stop.requested:
+                progress.close()
+                print(f"interrupted: saved the state after step {done:,} to {out_dir}/; "
+                      f"continue with: handgrad train -o {out_dir} --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+        save(cfg.steps)
     progress.close()
     elapsed = time.perf_counter() - t0
 
@@ -236,7 +323,6 @@ def train(cfg: TrainConfig) -> dict:
     print("samples:")
     for s in samples:
         print(f"  {s}")
-    checkpoint.save_model(out_dir, model, ds.vocab)
     checkpoint.atomic_write_bytes(out_dir / "samples.txt", ("\n".join(samples) + "\n").encode("utf-8"))
     run = {
         "config": asdict(cfg),
@@ -246,10 +332,50 @@ def train(cfg: TrainConfig) -> dict:
         "vocab": ds.vocab.chars,
         "final": final,
         "steps_per_s": cfg.steps / max(elapsed, 1e-9),
+        "impl": impl,
         "elapsed": elapsed,
         "torch": torch.__version__,
     }
     checkpoint.atomic_write_json(out_dir / "run.json", run)
     plot_losses(metrics, out_dir / "loss.png")
-    print(f"saved to {out_dir}/: model.safetensors, model.json, run.json, metrics.jsonl, loss.png, samples.txt")
+    if cfg.diagnostics:
+        diagnostics.plot(metrics, out_dir / "activations.png")
+    print(f"saved to {out_dir}/: checkpoint.safetensors, model.safetensors, model.json, run.json, metrics.jsonl, loss.png, samples.txt")
     return run
+
+
+# What a resumed run may change: how long it runs, where, what it logs, and the learning rate
+# (to get past a divergence). Anything else would make it a different run than the one saved.
+RESUME_CAN_CHANGE = ("steps", "lr", "out", "data", "device", "num_samples", "save_every", "eval_every", "log_every",
+                     "check", "check_every", "impl")
+
+
+def flag_name(setting: str) -> str:
+    return {"data": "-i/--data", "check": "--no-check", "num_samples": "-n/--num-samples"}.get(
+        setting, "--" + setting.replace("_", "-"))
+
+
+def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkpoint]:
+    """The saved run's config and checkpoint, with the settings in `given` (those set on the command line)
+    applied where a resumed run may change them; a setting that would change the run is an error."""
+    ckpt = checkpoint.load_checkpoint(out)
+    saved = ckpt.meta["config"]
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise HandgradError(f"{ckpt.path}: unknown training settings {', '.join(unknown)} (saved by another handgrad version?)")
+    for key, value in given.items():
+        if key in names and key not in RESUME_CAN_CHANGE and value != saved.get(key):
+            raise HandgradError(
+                f"{flag_name(key)} {value} differs from the saved run's {saved.get(key)}: a resumed run keeps its "
+                f"settings; only {', '.join(flag_name(k) for k in RESUME_CAN_CHANGE if k != 'out')} can change")
+    changed = {k: v for k, v in given.items() if k in RESUME_CAN_CHANGE}
+    try:
+        cfg = TrainConfig(**{**saved, **changed, "out": str(out)})
+    except TypeError as e:
+        raise HandgradError(f"{ckpt.path}: the training config is malformed: {e}") from None
+    if not isinstance(cfg.steps, int) or ckpt.step >= cfg.steps:
+        if "steps" in changed:
+            raise HandgradError(f"--steps {cfg.steps} is not beyond the saved step {ckpt.step:,}: pass a larger --steps to train further")
+        raise HandgradError(f"the run in {out} already finished its {ckpt.step:,} steps; pass --steps N (N > {ckpt.step}) to train further")
+    return cfg, ckpt

@@ -1,0 +1,310 @@
+"""Training-step throughput of the seed model, side by side, in one process.
+
+Implementations of one SGD training step (batch draw, forward, backward, update):
+
+- `autograd`: the baseline, plain eager PyTorch: torch.nn.functional ops on
+  parameters with requires_grad, `loss.backward()`, torch.optim.SGD.
+- `autograd-compiled`: that same step with the forward and loss under
+  torch.compile (autograd then runs the compiled backward graph) and the
+  optimizer's step compiled too.
+- `manual`: the hand-written backward exactly as `handgrad train` runs it,
+  eager: `train.manual_step`, then the optimizer's `step`.
+- `manual-compiled`: `fastpath.CompiledStep`, the same layers and optimizer
+  traced and compiled, one step per call; `manual-compiled-xK`: K steps per call.
+
+All start from the same initial weights and draw batches from the same data.
+Each is warmed up first (compilation included there, and reported), then the
+implementations take turns, round after round. `steps_per_s` is the best
+round (slower rounds measure whatever else the machine was doing), with the
+median beside it. Speed is measured here, never asserted
+in tests.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import HandgradError
+from .fastpath import CompiledStep
+from .layers import Linear
+from .model import ModelConfig, build_model
+from .optim import SGD
+from .train import manual_step
+
+BATCH_SIZES = (32, 8192)
+LR = 0.1  # small enough that thousands of timed steps stay finite
+
+
+def default_impls(batch_size: int | None = None) -> list[str]:
+    """Several steps per call only pay at small batches, where a call's fixed cost is most of a step."""
+    impls = ["autograd", "autograd-compiled", "manual", "manual-compiled"]
+    return impls + ["manual-compiled-x4"] if batch_size is None or batch_size < 1024 else impls
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One implementation at one batch size: `run(n)` takes n training steps (n a multiple of `chunk`)."""
+
+    chunk = 1
+
+    def __init__(self, model_config: ModelConfig, batch_size: int, X, Y, device, seed: int):
+        self.batch_size, self.X, self.Y, self.device = batch_size, X, Y, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.model = build_model(model_config, seed=seed, device=device)
+
+    def draw(self, *shape) -> torch.Tensor:
+        return torch.randint(0, len(self.Y), shape, generator=self.gen, device=self.device)
+
+    def run(self, n: int) -> None:
+        raise NotImplementedError
+
+
+class ManualRunner(Runner):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
+
+    def run(self, n):
+        for _ in range(n):
+            idx = self.draw(self.batch_size)
+            manual_step(self.model, self.X[idx], self.Y[idx])
+            self.optimizer.step(LR)
+
+
+class CompiledRunner(Runner):
+    def __init__(self, *args, steps_per_call: int = 1):
+        super().__init__(*args)
+        self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
+        self.step = CompiledStep(self.model, self.optimizer, steps_per_call=steps_per_call)
+        self.chunk = steps_per_call
+
+    def run(self, n):
+        for _ in range(n // self.chunk):
+            self.step(self.X, self.Y, self.draw(self.chunk, self.batch_size), LR)
+
+
+class AutogradRunner(Runner):
+    """The seed MLP written the usual PyTorch way, from the same initial weights."""
+
+    compiled = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        p = dict(self.model.named_parameters())
+        names = ["embedding.weight", "linear1.weight", "batchnorm1.weight", "batchnorm1.bias",
+                 "linear2.weight", "linear2.bias"]
+        if set(p) != set(names):
+            raise HandgradError("the autograd baselines are written for the seed mlp")
+        self.C, self.W1, self.gamma, self.beta, self.W2, self.b2 = (p[n].clone().requires_grad_(True) for n in names)
+        self.running_mean = torch.zeros_like(self.gamma, requires_grad=False)
+        self.running_var = torch.ones_like(self.gamma, requires_grad=False)
+        params = [self.C, self.W1, self.gamma, self.beta, self.W2, self.b2]
+        self.optimizer = torch.optim.SGD(params, lr=LR)
+        self.loss_fn = self.forward_loss
+        self.update = self.optimizer.step
+        if self.compiled:
+            self.loss_fn = torch.compile(self.forward_loss)
+            self.update = torch.compile(self.optimizer.step)
+
+    def forward_loss(self, x, y):
+        emb = F.embedding(x, self.C).flatten(1)
+        h = F.batch_norm(emb @ self.W1, self.running_mean, self.running_var, self.gamma, self.beta,
+                         training=True, momentum=0.01)
+        logits = torch.tanh(h) @ self.W2 + self.b2
+        return F.cross_entropy(logits, y)
+
+    def run(self, n):
+        for _ in range(n):
+            idx = self.draw(self.batch_size)
+            loss = self.loss_fn(self.X[idx], self.Y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.update()
+
+
+class AutogradCompiledRunner(AutogradRunner):
+    compiled = True
+
+
+def make_runner(name: str, *args) -> Runner:
+    if name == "autograd":
+        return AutogradRunner(*args)
+    if name == "autograd-compiled":
+        return AutogradCompiledRunner(*args)
+    if name == "manual":
+        return ManualRunner(*args)
+    if name == "manual-compiled":
+        return CompiledRunner(*args)
+    if name.startswith("manual-compiled-x") and name[len("manual-compiled-x"):].isdigit() and int(name[17:]) >= 1:
+        return CompiledRunner(*args, steps_per_call=int(name[17:]))
+    raise HandgradError(f"unknown implementation {name!r}: choose from autograd, autograd-compiled, manual, "
+                        f"manual-compiled, manual-compiled-xK (K steps per call)")
+
+
+def matmul_flops(model, batch_size: int) -> int:
+    """Multiply-adds x2 of a step's matmuls: each Linear does x W forward, x^T dy and dy W^T backward."""
+    rows = batch_size  # the seed mlp: one row per example
+    return sum(6 * rows * layer.params["weight"].shape[0] * layer.params["weight"].shape[1]
+               for layer in model.net.layers.values() if isinstance(layer, Linear))
+
+
+def matmul_seconds(model, batch_size: int, device, repeats: int = 5, min_time: float = 0.2) -> float:
+    """Seconds per step of the step's matmuls alone, same shapes and layouts as the layers, best of repeats."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    work = []
+    for layer in model.net.layers.values():
+        if isinstance(layer, Linear):
+            w = layer.params["weight"]
+            x = torch.randn(batch_size, w.shape[0], generator=gen, device=device)
+            d = torch.randn(batch_size, w.shape[1], generator=gen, device=device)
+            work.append((x, w, d))
+
+    def once():
+        for x, w, d in work:
+            torch.mm(x, w)
+            torch.mm(x.T, d)
+            torch.mm(d, w.T)
+
+    once()
+    sync(device)
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < min_time / repeats or n == 0:
+        once()
+        n += 1
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            once()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    impls: list[str] | None = None  # None: default_impls(batch size)
+    threads: int = 1
+    device: str = "cpu"
+    rounds: int = 7
+    seconds: float = 0.25  # per implementation per round
+    data: str | None = None
+    seed: int = 42
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "handgrad": __version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    from .data import make_dataset
+    from .train import resolve_device
+
+    if cfg.threads < 1:
+        raise HandgradError(f"--threads must be at least 1, got {cfg.threads}")
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    ds = make_dataset(cfg.data, block_size=3)
+    X, Y = ds.X["train"].to(device), ds.Y["train"].to(device)
+    mc = ModelConfig(vocab_size=len(ds.vocab))
+    results, matmul = [], []
+    for batch in cfg.batch_sizes:
+        runners = {}
+        for name in cfg.impls or default_impls(batch):
+            r = make_runner(name, mc, batch, X, Y, device, cfg.seed)
+            t0 = time.perf_counter()
+            r.run(r.chunk)  # compiles, where there is anything to compile
+            sync(device)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            r.run(r.chunk * 2)
+            sync(device)
+            rate = 2 * r.chunk / max(time.perf_counter() - t0, 1e-9)
+            steps = max(r.chunk, int(rate * cfg.seconds) // r.chunk * r.chunk)
+            r.run(steps)  # warm-up at the timed length
+            runners[name] = (r, steps, first)
+            log(f"batch {batch}: {name} ready (first call {first:.1f}s), {steps} steps per round")
+        rates = {name: [] for name in runners}
+        for i in range(cfg.rounds):
+            order = list(runners) if i % 2 == 0 else list(reversed(runners))
+            for name in order:
+                r, steps, _ = runners[name]
+                sync(device)
+                t0 = time.perf_counter()
+                r.run(steps)
+                sync(device)
+                rates[name].append(steps / (time.perf_counter() - t0))
+        model = next(iter(runners.values()))[0].model
+        flops = matmul_flops(model, batch)
+        mm = matmul_seconds(model, batch, device)
+        matmul.append({"batch_size": batch, "flop_per_step": flops, "seconds": mm, "gflop_per_s": flops / mm / 1e9})
+        for name, (r, steps, first) in runners.items():
+            best = max(rates[name])
+            results.append({
+                "impl": name, "batch_size": batch, "steps_per_s": best, "threads": cfg.threads, "device": device.type,
+                "median_steps_per_s": statistics.median(rates[name]), "min_steps_per_s": min(rates[name]),
+                "rounds": len(rates[name]), "steps_per_round": steps, "first_call_s": first,
+                "gflop_per_s": flops * best / 1e9,
+            })
+        base = next((x for x in results if x["impl"] == "autograd" and x["batch_size"] == batch), None)
+        for x in results:
+            if x["batch_size"] == batch:
+                x["vs_autograd"] = x["steps_per_s"] / base["steps_per_s"] if base else None
+                x["vs_autograd_median"] = x["median_steps_per_s"] / base["median_steps_per_s"] if base else None
+    return {"results": results, "matmul": matmul, "machine": machine_info(device),
+            "config": {"batch_sizes": list(cfg.batch_sizes), "impls": cfg.impls or "default", "rounds": cfg.rounds,
+                       "seconds_per_round": cfg.seconds, "dtype": "float32", "model": "mlp (the seed's)", "lr": LR}}
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    m = report["machine"]
+    lines.append(f"seed mlp, float32, {report['results'][0]['threads'] if report['results'] else '?'} thread(s), "
+                 f"{report['results'][0]['device'] if report['results'] else '?'}; {m['cpu']}; torch {m['torch']}")
+    header = (f"{'batch':>6}  {'impl':<20} {'steps/s':>10} {'median':>10} {'vs autograd':>11} {'(median)':>8} "
+              f"{'GFLOP/s':>8} {'of matmul':>9}")
+    lines += [header, "-" * len(header)]
+    mm = {x["batch_size"]: x for x in report["matmul"]}
+    for x in report["results"]:
+        b = x["batch_size"]
+        ratio = f"{x['vs_autograd']:.2f}x" if x.get("vs_autograd") else "-"
+        ratio_med = f"{x['vs_autograd_median']:.2f}x" if x.get("vs_autograd_median") else "-"
+        big = b >= 1024
+        gf = f"{x['gflop_per_s']:.1f}" if big else ""
+        of = f"{x['gflop_per_s'] / mm[b]['gflop_per_s']:.0%}" if big else ""
+        lines.append(f"{b:>6}  {x['impl']:<20} {x['steps_per_s']:>10,.1f} {x['median_steps_per_s']:>10,.1f} "
+                     f"{ratio:>11} {ratio_med:>8} {gf:>8} {of:>9}")
+    for b, x in mm.items():
+        if b >= 1024:
+            lines.append(f"{b:>6}  {'(matmuls alone)':<20} {1 / x['seconds']:>10,.1f} {'':>10} {'':>11} {'':>8} "
+                         f"{x['gflop_per_s']:>8.1f} {'100%':>9}")
+    lines.append("steps/s: the best of the timed rounds (others share this machine; the median is beside it)")
+    return "\n".join(lines)

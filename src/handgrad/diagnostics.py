@@ -1,0 +1,79 @@
+"""Whether a deep net trains: tanh saturation and gradient-to-data ratios.
+
+Measured on the last training batch (its forward and backward), at the
+evaluation steps:
+- saturation: the fraction of a Tanh layer's outputs with |h| > 0.97, where
+  1 - h^2 < 0.06 and the gradient through it all but vanishes. A few percent is
+  healthy; tens of percent means the layer before it is scaled too large.
+- gradient-to-data ratio: std(grad) / std(weight) per weight matrix (and the
+  embedding table). Layers whose ratios differ by orders of magnitude learn at
+  very different speeds under one learning rate.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .layers import Tanh
+
+SATURATED = 0.97
+
+
+@torch.no_grad()
+def tanh_saturation(model, threshold: float = SATURATED) -> dict[str, float]:
+    out = {}
+    for name, layer in model.net.layers.items():
+        if isinstance(layer, Tanh):
+            h = model.net.outputs.get(name)
+            if h is None:
+                h = layer.saved.get("out")
+            if h is not None:
+                out[name] = float((h.abs() > threshold).float().mean())
+    return out
+
+
+@torch.no_grad()
+def grad_to_data(model) -> dict[str, float]:
+    """std(grad) / std(param) for every parameter with at least two dimensions (biases and BatchNorm's gain and shift start constant)."""
+    out = {}
+    for (name, p), g in zip(model.named_parameters(), model.grads()):
+        if p.ndim >= 2:
+            out[name] = float(g.float().std() / p.float().std().clamp_min(1e-12))
+    return out
+
+
+def measure(model) -> dict[str, dict[str, float]]:
+    """The metrics.jsonl fields: {'saturation': {tanh layer: fraction}, 'grad_to_data': {weight: ratio}}."""
+    return {"saturation": tanh_saturation(model), "grad_to_data": grad_to_data(model)}
+
+
+def plot(metrics: list[dict], path: Path) -> None:
+    """activations.png: saturation per Tanh layer and gradient-to-data ratio per weight, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in metrics if "saturation" in m]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax in (("saturation", ax1), ("grad_to_data", ax2)):
+        names = list(dict.fromkeys(n for m in rows for n in m[key]))
+        for n in names:
+            pts = [(m["step"], m[key][n]) for m in rows if n in m[key]]
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=n)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if names:
+            ax.legend(fontsize=7)
+    ax1.set_ylabel(f"fraction of |tanh| > {SATURATED}")
+    ax1.set_title("tanh saturation")
+    ax2.set_ylabel("std(grad) / std(weight)")
+    ax2.set_yscale("log")
+    ax2.set_title("gradient-to-data ratio")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

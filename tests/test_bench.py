@@ -1,0 +1,39 @@
+"""`handgrad bench`: the shape of its JSON and table, with tiny settings. No timing is asserted."""
+import json
+
+import pytest
+
+from handgrad.bench import BenchConfig, format_table, make_runner, matmul_flops, run_bench
+from handgrad.cli import main
+from handgrad.errors import HandgradError
+from handgrad.model import ModelConfig, build_model
+
+
+def test_json_shape(capsys):
+    assert main(["bench", "--json", "--batch-sizes", "4,1024", "--impls", "autograd,manual",
+                 "--rounds", "2", "--seconds", "0.001"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["results"]
+    assert [(r["impl"], r["batch_size"]) for r in rows] == [
+        ("autograd", 4), ("manual", 4), ("autograd", 1024), ("manual", 1024)]
+    for r in rows:
+        assert {"impl", "batch_size", "steps_per_s", "threads", "device"} <= set(r)
+        assert r["steps_per_s"] > 0 and r["threads"] == 1 and r["device"] == "cpu"
+        assert r["min_steps_per_s"] <= r["median_steps_per_s"] <= r["steps_per_s"]
+    assert [r["vs_autograd"] for r in rows if r["impl"] == "autograd"] == [1.0, 1.0]
+    assert {"cpu", "torch", "python", "handgrad"} <= set(report["machine"])
+    assert [m["batch_size"] for m in report["matmul"]] == [4, 1024]
+    assert "vs autograd" in format_table(report)
+
+
+def test_flops_of_the_seed_model():
+    model = build_model(ModelConfig())
+    # forward x W, backward x^T dy and dy W^T, for Linear(30, 200) and Linear(200, 27)
+    assert matmul_flops(model, 8192) == 6 * 8192 * (30 * 200 + 200 * 27)
+
+
+def test_unknown_impl_and_bad_threads():
+    with pytest.raises(HandgradError, match="unknown implementation"):
+        make_runner("fast", ModelConfig(), 4, None, None, "cpu", 0)
+    with pytest.raises(HandgradError, match="threads"):
+        run_bench(BenchConfig(threads=0))

@@ -1,0 +1,101 @@
+"""The compiled fast path against the eager manual path, step by step: losses, weights,
+gradient buffers and BatchNorm running statistics; and the choice `handgrad train` makes.
+
+One tiny model per test keeps compile times to seconds.
+"""
+import pytest
+import torch
+
+from handgrad.errors import HandgradError
+from handgrad.fastpath import CompiledStep, choose_impl, compiled_train_step
+from handgrad.model import ModelConfig, build_model
+from handgrad.optim import SGD, AdamW
+from handgrad.train import manual_step
+
+TINY = ModelConfig(vocab_size=7, block_size=3, n_embd=4, n_hidden=16)
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 7, (n, 3), generator=g), torch.randint(0, 7, (n,), generator=g)
+
+
+def pair(momentum=0.0):
+    models = [build_model(TINY, seed=3) for _ in range(2)]
+    opts = [SGD(m.parameters(), m.grads(), lr=0.5, momentum=momentum) for m in models]
+    return models, opts
+
+
+def assert_same_state(a, b, atol=1e-5):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=name)
+    for g, h in zip(a.grads(), b.grads()):
+        torch.testing.assert_close(g, h, rtol=0, atol=atol)
+    for (name, t), (_, u) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(t, u, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("momentum,k,lrs", [(0.0, 2, (0.5, 0.05)), (0.9, 1, (0.5,))])
+def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs):
+    (eager, compiled), (opt_e, opt_c) = pair(momentum)
+    X, Y = data()
+    step = CompiledStep(compiled, opt_c, steps_per_call=k)
+    g = torch.Generator().manual_seed(1)
+    params = compiled.parameters()
+    grads = opt_c.grads
+    calls = 10 // k
+    for call in range(calls):
+        idx = torch.randint(0, len(Y), (k, 16), generator=g)
+        lr = lrs[0] if call < calls // 2 else lrs[-1]  # a second learning rate: a second compiled graph
+        losses = step(X, Y, idx, lr)
+        for j in range(k):
+            loss = manual_step(eager, X[idx[j]], Y[idx[j]])
+            opt_e.step(lr)
+            torch.testing.assert_close(losses[j], loss, rtol=0, atol=1e-5)
+        assert_same_state(eager, compiled)
+    # the very tensors the optimizer holds were updated in place
+    assert all(p is q for p, q in zip(params, compiled.parameters()))
+    assert all(g is h for g, h in zip(grads, compiled.grads()))
+    assert int(opt_c.step_count) == int(opt_e.step_count) == 10
+    assert step.compile_seconds > 0
+
+
+def test_compiled_forward_backward_fills_the_optimizers_buffers():
+    (eager, compiled), (opt_e, opt_c) = pair()
+    X, Y = data()
+    step_fn = compiled_train_step(compiled)
+    for i in range(3):
+        x, y = X[i * 16:(i + 1) * 16], Y[i * 16:(i + 1) * 16]
+        torch.testing.assert_close(step_fn(compiled, x, y), manual_step(eager, x, y), rtol=0, atol=1e-5)
+        assert_same_state(eager, compiled)
+        opt_e.step(0.5)
+        opt_c.step(0.5)
+    assert all(g.abs().sum() > 0 for g in opt_c.grads)
+
+
+def test_compiled_step_refuses_what_it_cannot_do():
+    model = build_model(TINY)
+    with pytest.raises(HandgradError, match="sgd and momentum"):
+        CompiledStep(model, AdamW(model.parameters(), model.grads(), lr=1e-3))
+    with pytest.raises(HandgradError, match="update between"):
+        CompiledStep(model, None, steps_per_call=2)
+    step = CompiledStep(model, SGD(model.parameters(), model.grads(), lr=0.1), steps_per_call=2)
+    X, Y = data()
+    with pytest.raises(HandgradError, match="shape"):
+        step(X, Y, torch.zeros(3, 4, dtype=torch.long))
+    model.eval()
+    with pytest.raises(HandgradError, match="training mode"):
+        step(X, Y, torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_choose_impl():
+    assert choose_impl("auto", "manual", 10_000, 32)[0] == "eager"
+    assert choose_impl("auto", "manual", 10_000, 8192)[0] == "compiled"
+    assert choose_impl("auto", "manual", 10_000, 8192, diagnostics=True)[0] == "eager"
+    assert choose_impl("auto", "autograd", 10_000, 8192)[0] == "eager"
+    assert choose_impl("compiled", "manual", 10, 32)[0] == "compiled"
+    assert choose_impl("eager", "manual", 10**9, 8192)[0] == "eager"
+    with pytest.raises(HandgradError):
+        choose_impl("compiled", "autograd", 10, 32)
+    with pytest.raises(HandgradError):
+        choose_impl("fast", "manual", 10, 32)
