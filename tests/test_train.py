@@ -98,3 +98,19 @@ def test_check_cli_exits_nonzero_on_a_wrong_backward(monkeypatch, capsys):
     monkeypatch.setattr(Tanh, "backward", lambda self, dout: dout)  # derivative dropped
     assert main(["check", "--dtype", "float64"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_stop_at_then_resume_is_bit_identical(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = ["--steps", "400", "--eval-every", "100", "--save-every", "0", "-n", "3"]
+    assert main(["train", "-o", str(tmp_path / "straight"), *common]) == 0
+    assert main(["train", "-o", str(tmp_path / "split"), *common, "--stop-at", "200"]) == 0
+    assert "stopped as asked after step 200 of 400" in capsys.readouterr().out
+    assert not (tmp_path / "split" / "run.json").exists()  # not finished
+    assert main(["train", "-o", str(tmp_path / "split"), "--resume"]) == 0
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "split" / "metrics.jsonl"))

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=nonnegative_int, default=1000,
                    help="steps between checkpoints of the whole training state (default 1000; 0: only at the end). "
                         "Ctrl-C also saves one, at the end of the current step")
+    p.add_argument("--stop-at", type=nonnegative_int, default=0, metavar="STEP",
+                   help="save the whole training state after STEP steps and stop, as if interrupted there; "
+                        "the schedule still spans --steps, and --resume continues the same run (0: run to the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in -o from its last checkpoint, exactly as if it had not stopped; "
                         "--steps N sets a new total (the learning-rate schedule then spans N steps); other settings are the saved run's")
@@ -229,6 +232,7 @@ def cmd_train(args) -> int:
         momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
         device=args.device, dtype=args.dtype, num_samples=args.num_samples, save_every=args.save_every,
+        stop_at=args.stop_at,
     )
     if args.resume:
         given = {"check" if d == "no_check" else d for d in given_options(args.argv)}

@@ -20,7 +20,6 @@ from .errors import HandgradError
 from .divergence import DivergenceWatch
 from .gradcheck import check_model, format_table, passed
 from .model import DEFAULTS, TRAINING, ModelConfig, build_model
-from .optim import SGD, step_schedule
 from .optim import learning_rate, make_optimizer
 from . import diagnostics
 from . import fastpath
@@ -52,6 +51,7 @@ class TrainConfig:
     eval_every: int = 1000
     log_every: int = 100
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on Ctrl-C)
+    stop_at: int = 0  # save and stop after this many steps, the schedule still spanning `steps` (0: run to the end)
     grad: str = "manual"  # or "autograd", to compare
     impl: str = "auto"  # manual step: eager, compiled (fastpath), or auto (compiled when the run repays the compile)
     check: bool = True  # gradient check on one batch before the first step
@@ -305,8 +305,13 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
             # reading the loss syncs with the device: only every 50 steps, and only for the bar
             progress.update(1, float(loss) if progress.bar is not None and step % 50 == 0 else None)
             done = step + 1
-            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps):
+            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or done == cfg.stop_at:
                 save(done)
+            if done == cfg.stop_at and done < cfg.steps:
+                progress.close()
+                print(f"stopped as asked after step {done:,} of {cfg.steps:,}; the state is saved in {out_dir}/; "
+                      f"continue with: handgrad train -o {out_dir} --resume")
+                return {"stopped_at": done}
             if stop.requested:
                 progress.close()
                 print(f"interrupted: saved the state after step {done:,} to {out_dir}/; "
@@ -347,7 +352,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
 # What a resumed run may change: how long it runs, where, what it logs, and the learning rate
 # (to get past a divergence). Anything else would make it a different run than the one saved.
 RESUME_CAN_CHANGE = ("steps", "lr", "out", "data", "device", "num_samples", "save_every", "eval_every", "log_every",
-                     "check", "check_every", "impl")
+                     "check", "check_every", "impl", "stop_at")
 
 
 def flag_name(setting: str) -> str:
