@@ -133,8 +133,10 @@ def test_sequential_backward_runs_in_reverse():
     assert {r.name for r in results} >= {"input", "linear1.weight", "bn.weight", "linear2.bias"}
 
 
-@settings(max_examples=15, deadline=None)
-@given(batch=st.integers(2, 9), time=st.integers(1, 4), fan_in=st.integers(1, 6), fan_out=st.integers(1, 6),
+# batch >= 3: with two rows BatchNorm's output is +-1 whatever x is, a near-singular map on which
+# finite differences lose their accuracy; derandomized so CI replays the same examples
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(batch=st.integers(3, 9), time=st.integers(1, 4), fan_in=st.integers(1, 6), fan_out=st.integers(1, 6),
        seed=st.integers(0, 2**16))
 def test_linear_bn_tanh_random_shapes(batch, time, fan_in, fan_out, seed):
     torch.manual_seed(seed)

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "enough to repay the compile (default)")
     p.add_argument("--grad", choices=["manual", "autograd"], default="manual",
                    help="manual: the hand-written backward (default); autograd: the reference, to compare")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads (default: 1 for batches up to 256, whose steps are many tiny ops; "
+                        "otherwise torch's default)")
     p.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="compare manual and autograd gradients every N steps and stop on a mismatch (0: never)")
     p.add_argument("--no-check", action="store_true", help="skip the gradient check before the first step")
@@ -231,8 +234,8 @@ def cmd_train(args) -> int:
         optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
         momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
-        device=args.device, dtype=args.dtype, num_samples=args.num_samples, save_every=args.save_every,
-        stop_at=args.stop_at,
+        device=args.device, threads=args.threads, dtype=args.dtype, num_samples=args.num_samples,
+        save_every=args.save_every, stop_at=args.stop_at,
     )
     if args.resume:
         given = {"check" if d == "no_check" else d for d in given_options(args.argv)}

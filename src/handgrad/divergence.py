@@ -1,9 +1,10 @@
 """Stop a diverging run: a NaN or infinite loss or gradient, found at the step it appeared.
 
 Reading a value off the device every step would stall a GPU, so each step only
-queues a few numbers, its loss and the sum of each gradient (a NaN or inf in a
-gradient makes its sum NaN or inf); `check` reads the queue where the loop reads
-the device anyway: a logged loss, a checkpoint, the end.
+queues a few numbers: its loss, and the norm of each gradient from one fused op
+(a NaN or inf in a gradient makes its norm NaN or inf); `check` stacks and reads
+the queue where the loop reads the device anyway: a logged loss, a checkpoint,
+the end.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ class DivergenceWatch:
         self.grads = [g for _, g in named_grads]
         self.lr = lr
         self.left_on_disk = left_on_disk
-        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []
 
     def observe(self, step: int, loss: torch.Tensor) -> None:
         """After the backward, before the update. (Finite values overflow float32 only when a run has blown up anyway.)"""
-        self.pending.append((step, torch.stack([loss, *(g.sum() for g in self.grads)])))
+        self.pending.append((step, loss, torch._foreach_norm(self.grads)))
         if len(self.pending) >= MAX_PENDING:
             self.check()
 
@@ -39,8 +40,9 @@ class DivergenceWatch:
         """Raise, naming the first bad step, if any step since the last check went bad."""
         if not self.pending:
             return
-        bad = (~torch.isfinite(torch.stack([values for _, values in self.pending]))).nonzero().tolist()
-        steps = [step for step, _ in self.pending]
+        values = torch.stack([t for _, loss, norms in self.pending for t in (loss, *norms)]).view(len(self.pending), -1)
+        bad = (~torch.isfinite(values)).nonzero().tolist()
+        steps = [step for step, _, _ in self.pending]
         self.pending.clear()
         if bad:
             row, col = bad[0]

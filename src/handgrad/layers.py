@@ -61,7 +61,7 @@ class Module:
     inspectable: tuple[str, ...] = ()
 
     def zero_grad(self) -> None:
-        zero_all([g for _, g in self.named_grads()])
+        zero_all(list(self.grads.values()))
 
     def clear_saved(self) -> None:
         """Drop what the last forward and backward kept."""
@@ -89,9 +89,6 @@ class Module:
         raise NotImplementedError
 
 
-SMALL = 1 << 16  # elements; below this a step's time is the number of ops, above it the passes over memory
-
-
 class Embedding(Module):
     """Lookup table: ids (B, T) -> vectors (B, T, C)."""
 
@@ -101,14 +98,12 @@ class Embedding(Module):
 
     def forward(self, idx):
         self.saved["idx"] = idx
-        w = self.params["weight"]
-        return w.index_select(0, idx.reshape(-1)).view(*idx.shape, w.shape[1])
+        return torch.embedding(self.params["weight"], idx)  # rows of weight, one per id
 
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
-        idx = self.saved["idx"]
         w = self.grads["weight"]
-        w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
+        w.index_add_(0, self.saved["idx"].reshape(-1), dout.reshape(-1, w.shape[1]))
         return None
 
 
@@ -157,30 +152,30 @@ class Linear(Module):
     def forward(self, x):
         self.saved["x"] = x
         w, b = self.params["weight"], self.params.get("bias")
-        x2 = x.reshape(-1, w.shape[0])  # (batch, time, channels) rows are one matrix
+        x2 = x if x.ndim == 2 else x.reshape(-1, w.shape[0])  # (batch, time, channels) rows are one matrix
         out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        return out.view(*x.shape[:-1], w.shape[1])
+        return out if x.ndim == 2 else out.view(*x.shape[:-1], w.shape[1])
 
     # y = x W + b:  dx = dy W^T,  dW = x^T dy,  db = sum over rows of dy
     def backward(self, dout):
-        w = self.params["weight"]
-        x2 = self.saved["x"].reshape(-1, w.shape[0])
-        d2 = dout.reshape(-1, w.shape[1])
+        w, x2, d2 = self.params["weight"], self.saved["x"], dout
+        if dout.ndim != 2:
+            x2, d2 = x2.reshape(-1, w.shape[0]), dout.reshape(-1, w.shape[1])
         self.grads["weight"].addmm_(x2.T, d2)
         if "bias" in self.grads:
             self.grads["bias"].add_(d2.sum(0))
-        return torch.mm(d2, w.T).view(*dout.shape[:-1], w.shape[0])
+        dx = torch.mm(d2, w.T)
+        return dx if dout.ndim == 2 else dx.view(*dout.shape[:-1], w.shape[0])
 
 
 class Tanh(Module):
-    """tanh(x). Over large tensors computed as 2 sigmoid(2x) - 1: the same function (float32
-    results within 2e-7 of torch.tanh), and on a CPU core several times faster, eager or compiled."""
+    """tanh(x), computed as 2 sigmoid(2x) - 1: the same function (float32 results within 2e-7
+    of torch.tanh), and on a CPU core faster, eager or compiled, even as four ops on a small tensor.
+    x + x rather than 2 * x: an op on two tensors skips wrapping a Python number into a tensor."""
 
     def forward(self, x):
-        if x.numel() <= SMALL:  # dispatch cost dominates: one op
-            out = torch.tanh(x)
-        else:  # in place only on temporaries, so autograd can run it too
-            out = (x * 2).sigmoid_().mul(2).sub_(1)
+        s = (x + x).sigmoid_()
+        out = (s + s).sub_(1)  # out of place: autograd's sigmoid backward reads s
         self.saved["out"] = out
         return out
 
@@ -213,19 +208,19 @@ class BatchNorm1d(Module):
         return tuple(range(x.ndim - 1))
 
     def update_running_stats(self, mean, var) -> None:
-        # running <- (1 - momentum) * running + momentum * batch statistic
-        with torch.no_grad():
-            torch._foreach_lerp_([self.buffers["running_mean"], self.buffers["running_var"]],
-                                 [mean.reshape(-1), var.reshape(-1)], self.momentum)
+        """`mean` and `var` of shape (channels,): running <- (1 - momentum) * running + momentum * batch statistic."""
+        if torch.is_grad_enabled():  # the running statistics are not part of any gradient
+            mean, var = mean.detach(), var.detach()
+        torch._foreach_lerp_([self.buffers["running_mean"], self.buffers["running_var"]], [mean, var], self.momentum)
 
     def forward(self, x):
         if self.training:
             # two passes (mean, then the mean square of x - mean): exact, and far faster over a
             # long batch axis than a one-pass running variance
-            dims = self.reduce_dims(x)
-            mean = x.mean(dims, keepdim=True)
+            dims = 0 if x.ndim == 2 else self.reduce_dims(x)
+            mean = x.mean(dims)
             xc = x - mean
-            var = (xc * xc).mean(dims, keepdim=True)
+            var = (xc * xc).mean(dims)
             self.update_running_stats(mean, var)
         else:
             xc = x - self.buffers["running_mean"]
@@ -237,7 +232,7 @@ class BatchNorm1d(Module):
 
     # xhat = (x - mean) * rstd over N rows:  dx = gamma * rstd / N * (N dy - sum(dy) - xhat * sum(dy * xhat))
     def backward(self, dout):
-        dims = self.reduce_dims(dout)
+        dims = 0 if dout.ndim == 2 else self.reduce_dims(dout)
         xhat, rstd = self.saved["xhat"], self.saved["rstd"]
         dout_sum = dout.sum(dims)
         dout_xhat_sum = (dout * xhat).sum(dims)
@@ -245,10 +240,10 @@ class BatchNorm1d(Module):
         scale = self.params["weight"] * rstd  # gamma * rstd
         if not self.training:  # running statistics are constants
             return dout * scale
-        c = scale * (-1 / (dout.numel() // dout.shape[-1]))  # -gamma * rstd / N
-        # two passes: dout * scale + c * sum(dy), then + c * sum(dy * xhat) * xhat
-        dx = torch.addcmul(c * dout_sum, dout, scale)
-        return dx.addcmul_(xhat, c * dout_xhat_sum)
+        n = dout.numel() // dout.shape[-1]
+        neg_mean_dout, neg_mean_dout_xhat = torch._foreach_mul([dout_sum, dout_xhat_sum], -1 / n)
+        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), in three passes
+        return torch.addcmul(dout, xhat, neg_mean_dout_xhat).add_(neg_mean_dout).mul_(scale)
 
 
 class BatchNorm1dStepwise(BatchNorm1d):
@@ -270,7 +265,7 @@ class BatchNorm1dStepwise(BatchNorm1d):
         s["bnvar"] = s["bndiff2"].mean(dims, keepdim=True)  # biased: divide by N
         s["bnstd"] = (s["bnvar"] + self.eps).sqrt()
         s["bnraw"] = s["bndiff"] / s["bnstd"]
-        self.update_running_stats(s["bnmean"], s["bnvar"])
+        self.update_running_stats(s["bnmean"].reshape(-1), s["bnvar"].reshape(-1))
         return s["bnraw"] * self.params["weight"] + self.params["bias"]
 
     def backward(self, dout):
@@ -310,6 +305,7 @@ class Sequential(Module):
         self.layers = dict(layers)
         self.outputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
+        self.grad_list = [g for _, g in self.named_grads()]  # the buffers stay the same tensors until `to`
 
     def forward(self, x):
         for name, layer in self.layers.items():
@@ -348,7 +344,7 @@ class Sequential(Module):
             yield from layer.named_intermediate_grads(f"{prefix}{name}.")
 
     def zero_grad(self) -> None:
-        zero_all([g for _, g in self.named_grads()])
+        zero_all(self.grad_list)
 
     def clear_saved(self) -> None:
         self.outputs.clear()
@@ -365,4 +361,5 @@ class Sequential(Module):
     def to(self, device=None, dtype=None) -> "Sequential":
         for layer in self.layers.values():
             layer.to(device, dtype)
+        self.grad_list = [g for _, g in self.named_grads()]
         return self

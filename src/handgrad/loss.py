@@ -10,8 +10,8 @@ class CrossEntropy(Module):
     """Mean negative log-likelihood of the targets under softmax(logits); fused backward."""
 
     def forward(self, logits, targets):
-        logits = logits.reshape(-1, logits.shape[-1])
-        targets = targets.reshape(-1)
+        if logits.ndim != 2 or targets.ndim != 1:  # (batch, time) rows are one list
+            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         # log_softmax subtracts the row max before exponentiating, so large logits cannot overflow
         logprobs = torch.log_softmax(logits, dim=1)
         self.saved["logprobs"], self.saved["targets"] = logprobs, targets
@@ -20,8 +20,9 @@ class CrossEntropy(Module):
     # d loss / d logits = (softmax(logits) - onehot(targets)) / N
     def backward(self, dloss=1.0):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
-        dlogits = logprobs.exp().scatter_(1, targets[:, None], -1.0, reduce="add")
-        return dlogits.mul_(dloss / len(targets))
+        scale = dloss / len(targets)
+        dlogits = logprobs.exp().mul_(scale)
+        return dlogits.scatter_add_(1, targets.view(-1, 1), logprobs.new_full((len(targets), 1), -scale))
 
 
 class CrossEntropyStepwise(CrossEntropy):
