@@ -1,6 +1,6 @@
 """Layers: each forward with its hand-written backward right below it.
 
-Conventions (as in llm.c and torch.nn):
+Conventions (as in torch.nn):
 - `forward(x)` returns the output and keeps in `self.saved` exactly what the
   backward needs; stepwise forms keep every named intermediate there.
 - `backward(dout)` returns the gradient for the input and *accumulates* the
