@@ -114,3 +114,10 @@ def test_stop_at_then_resume_is_bit_identical(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "split" / "metrics.jsonl"))
+
+
+def test_check_refuses_a_batch_of_one_with_batchnorm(capsys):
+    """With one row BatchNorm's output is constant: a check there would pass without testing anything."""
+    assert main(["check", "--batch-size", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "variance" in err and "--batch-size 2" in err

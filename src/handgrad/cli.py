@@ -195,7 +195,7 @@ def cmd_check(args) -> int:
     from .data import make_dataset
     from .gradcheck import check_model, finite_difference_check, format_table, passed
     from .model import ModelConfig, build_model
-    from .train import DTYPES, TrainConfig, resolve_device
+    from .train import DTYPES, TrainConfig, require_batch_statistics, resolve_device
 
     device = resolve_device(args.device)
     tc = TrainConfig(model=args.model, block_size=args.block_size, n_embd=args.n_embd,
@@ -205,6 +205,7 @@ def cmd_check(args) -> int:
     mc = tc.model_config(len(ds.vocab))
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
     model = build_model(mc, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
+    require_batch_statistics(model, args.batch_size)
     gen = torch.Generator().manual_seed(args.seed)
     n = ds.sizes()["train"]
     idx = torch.randint(0, n, (args.batch_size,), generator=gen)

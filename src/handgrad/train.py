@@ -92,6 +92,13 @@ def cpu_threads(threads: int | None, batch_size: int) -> int:
     return 1 if batch_size <= SMALL_BATCH else torch.get_num_threads()
 
 
+def require_batch_statistics(model, batch_size: int) -> None:
+    """BatchNorm in training mode divides by the batch's standard deviation: one example has none."""
+    if batch_size < 2 and any(name.endswith("running_var") for name, _ in model.named_buffers()):
+        raise HandgradError(f"--batch-size {batch_size} with BatchNorm: the variance of a batch of one example "
+                            "is undefined; use --batch-size 2 or more")
+
+
 def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise HandgradError(f"unknown device {name!r}: use cpu or cuda")
@@ -225,9 +232,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
           + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
           + f"; {cfg.steps:,} steps of batch {cfg.batch_size}")
     print(f"model: {mcfg.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
-    if cfg.batch_size < 2 and any(name.endswith("running_var") for name, _ in model.named_buffers()):
-        raise HandgradError(f"--batch-size {cfg.batch_size} cannot train a model with BatchNorm: the variance of a batch "
-                            "of one example is undefined; use --batch-size 2 or more")
+    require_batch_statistics(model, cfg.batch_size)
     data_meta = {"source": ds.source, "split": cfg.split, "seed": cfg.seed, "items": len(ds.words),
                  "sha256": checkpoint.data_fingerprint(ds.words)}
     if resume is not None:
