@@ -9,20 +9,18 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, diagnostics, fastpath
 from .data import SPLITS, make_dataset
-from .errors import HandgradError
 from .divergence import DivergenceWatch
+from .errors import HandgradError
 from .gradcheck import check_model, format_table, passed
 from .model import DEFAULTS, TRAINING, ModelConfig, build_model
 from .optim import learning_rate, make_optimizer
-from . import diagnostics
-from . import fastpath
 from .sample import generate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,7 +58,6 @@ class TrainConfig:
     threads: int | None = None  # CPU threads; None: see `cpu_threads`
     dtype: str = "float32"
     num_samples: int = 20
-    extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every training setting left as None filled in from the model's defaults."""
