@@ -188,14 +188,21 @@ def check_run_folder(out_dir: Path) -> Path:
     return out_dir
 
 
+def read_run_file(out_dir: Path, name: str, kind: str, fmt: str, missing: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """A safetensors file of a run folder and its JSON header; `missing` is the error when it is absent."""
+    out_dir = check_run_folder(out_dir)
+    path = out_dir / name
+    if not path.exists():
+        raise HandgradError(missing)
+    tensors, metadata = read_safetensors(path, kind)
+    return path, tensors, header_json(path, metadata, fmt)
+
+
 def load_model(out_dir: Path, device=None, dtype=None) -> tuple[Model, Vocab, dict]:
     """The model saved in a run folder, its vocabulary, and its header's metadata."""
-    out_dir = check_run_folder(out_dir)
-    path = out_dir / MODEL_WEIGHTS
-    if not path.exists():
-        raise HandgradError(f"no saved model in {out_dir} (expected {MODEL_WEIGHTS}); train one with: handgrad train -o {out_dir}")
-    state, metadata = read_safetensors(path, "model file")
-    meta = header_json(path, metadata, MODEL_FORMAT)
+    path, state, meta = read_run_file(
+        out_dir, MODEL_WEIGHTS, "model file", MODEL_FORMAT,
+        f"no saved model in {out_dir} (expected {MODEL_WEIGHTS}); train one with: handgrad train -o {out_dir}")
     model, vocab = model_from_meta(path, meta, state, device=device, dtype=dtype)
     return model, vocab, meta
 
@@ -270,12 +277,9 @@ def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab:
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
-    out_dir = check_run_folder(out_dir)
-    path = out_dir / CHECKPOINT
-    if not path.exists():
-        raise HandgradError(f"nothing to resume in {out_dir}: no {CHECKPOINT} (start a run with: handgrad train -o {out_dir})")
-    tensors, metadata = read_safetensors(path, "checkpoint")
-    meta = header_json(path, metadata, CHECKPOINT_FORMAT)
+    path, tensors, meta = read_run_file(
+        out_dir, CHECKPOINT, "checkpoint", CHECKPOINT_FORMAT,
+        f"nothing to resume in {out_dir}: no {CHECKPOINT} (start a run with: handgrad train -o {out_dir})")
     step = meta.get("step")
     elapsed = meta.get("elapsed")
     if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(meta.get("config"), dict)
