@@ -363,7 +363,8 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     plot_losses(metrics, out_dir / "loss.png")
     if cfg.diagnostics:
         diagnostics.plot(metrics, out_dir / "activations.png")
-    print(f"saved to {out_dir}/: checkpoint.safetensors, model.safetensors, model.json, run.json, metrics.jsonl, loss.png, samples.txt")
+    print(f"saved to {out_dir}/: checkpoint.safetensors, model.safetensors, model.json, run.json, metrics.jsonl, loss.png, "
+          f"{'activations.png, ' if cfg.diagnostics else ''}samples.txt")
     return run
 
 
