@@ -16,6 +16,7 @@ run code; a pickle found where one of these is expected is refused by name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -82,6 +83,13 @@ def remove_stale_temporaries(folder: Path) -> None:
     for name in RUN_FILES:
         for tmp in Path(folder).glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def atomic_write_figure(path: Path, fig) -> None:
+    """A matplotlib figure as a PNG, through the same atomic write as every other file of a run."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write_figure
 from .layers import Tanh
 
 SATURATED = 0.97
@@ -72,8 +73,5 @@ def plot(metrics: list[dict], path: Path) -> None:
     ax2.set_yscale("log")
     ax2.set_title("gradient-to-data ratio")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_figure(Path(path), fig)
     plt.close(fig)
-    tmp.replace(path)

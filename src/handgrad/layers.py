@@ -204,8 +204,9 @@ class BatchNorm1d(Module):
         self.buffers["running_var"] = torch.ones(dim)
 
     @staticmethod
-    def reduce_dims(x) -> tuple[int, ...]:
-        return tuple(range(x.ndim - 1))
+    def reduce_dims(x) -> int | tuple[int, ...]:
+        """Every axis but channels; a plain 0 for (batch, channels), the faster form to reduce over."""
+        return 0 if x.ndim == 2 else tuple(range(x.ndim - 1))
 
     def update_running_stats(self, mean, var) -> None:
         """`mean` and `var` of shape (channels,): running <- (1 - momentum) * running + momentum * batch statistic."""
@@ -217,7 +218,7 @@ class BatchNorm1d(Module):
         if self.training:
             # two passes (mean, then the mean square of x - mean): exact, and far faster over a
             # long batch axis than a one-pass running variance
-            dims = 0 if x.ndim == 2 else self.reduce_dims(x)
+            dims = self.reduce_dims(x)
             mean = x.mean(dims)
             xc = x - mean
             var = (xc * xc).mean(dims)
@@ -232,7 +233,7 @@ class BatchNorm1d(Module):
 
     # xhat = (x - mean) * rstd over N rows:  dx = gamma * rstd / N * (N dy - sum(dy) - xhat * sum(dy * xhat))
     def backward(self, dout):
-        dims = 0 if dout.ndim == 2 else self.reduce_dims(dout)
+        dims = self.reduce_dims(dout)
         xhat, rstd = self.saved["xhat"], self.saved["rstd"]
         dout_sum = dout.sum(dims)
         dout_xhat_sum = (dout * xhat).sum(dims)

@@ -195,10 +195,8 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    checkpoint.atomic_write_figure(path, fig)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict:
