@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from handgrad.errors import HandgradError
-from handgrad.fastpath import CompiledStep, choose_impl, compiled_train_step
+from handgrad.fastpath import CompiledStep, choose_impl, compiled_train_step, fused
 from handgrad.model import ModelConfig, build_model
 from handgrad.optim import SGD, AdamW
 from handgrad.train import manual_step
@@ -35,8 +35,9 @@ def assert_same_state(a, b, atol=1e-5):
         torch.testing.assert_close(t, u, rtol=0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("momentum,k,lrs", [(0.0, 2, (0.5, 0.05)), (0.9, 1, (0.5,))])
-def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs):
+# batch 16 takes the embedding's and first Linear's own route, batch 64 their precomputed tables
+@pytest.mark.parametrize("momentum,k,lrs,batch", [(0.0, 2, (0.5, 0.05), 16), (0.9, 1, (0.5,), 16), (0.0, 1, (0.5,), 64)])
+def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs, batch):
     (eager, compiled), (opt_e, opt_c) = pair(momentum)
     X, Y = data()
     step = CompiledStep(compiled, opt_c, steps_per_call=k)
@@ -45,7 +46,7 @@ def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs):
     grads = opt_c.grads
     calls = 10 // k
     for call in range(calls):
-        idx = torch.randint(0, len(Y), (k, 16), generator=g)
+        idx = torch.randint(0, len(Y), (k, batch), generator=g)
         lr = lrs[0] if call < calls // 2 else lrs[-1]  # a second learning rate: a second compiled graph
         losses = step(X, Y, idx, lr)
         for j in range(k):
@@ -58,6 +59,17 @@ def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs):
     assert all(g is h for g, h in zip(grads, compiled.grads()))
     assert int(opt_c.step_count) == int(opt_e.step_count) == 10
     assert step.compile_seconds > 0
+
+
+def test_fused_view_shares_the_models_tensors():
+    model = build_model(TINY)
+    view = fused(model)
+    assert list(view.net.layers)[0] == "embedding+linear1"
+    assert {id(t) for t in view.parameters()} == {id(t) for t in model.parameters()}
+    assert {id(t) for t in view.grads()} == {id(t) for t in model.grads()}
+    assert [id(t) for _, t in view.named_buffers()] == [id(t) for _, t in model.named_buffers()]
+    wavenet = build_model(ModelConfig(model="wavenet", vocab_size=7, block_size=4, n_embd=3, n_hidden=8, n_layers=2))
+    assert fused(wavenet) is wavenet  # no Embedding -> Flatten -> Linear run to fuse
 
 
 def test_compiled_forward_backward_fills_the_optimizers_buffers():

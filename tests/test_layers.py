@@ -6,9 +6,11 @@ from hypothesis import strategies as st
 
 from handgrad.gradcheck import check_layer, passed
 from handgrad.layers import (
+    PAD_MIN_ROWS,
     BatchNorm1d,
     BatchNorm1dStepwise,
     Embedding,
+    EmbeddingLinear,
     Flatten,
     FlattenConsecutive,
     Linear,
@@ -99,6 +101,50 @@ def test_embedding(shape):
     idx = torch.randint(0, 7, shape, generator=torch.Generator().manual_seed(3))
     idx[0, 0] = idx[-1, -1]  # a repeated id: its rows must add up
     assert_ok(check_layer(layer, idx))
+
+
+@pytest.mark.parametrize("shape", [(PAD_MIN_ROWS, 9), (PAD_MIN_ROWS // 2 + 3, 2, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_padded_output(shape, bias):
+    """Many rows and a narrow output: the matmuls run on a zero-padded weight, same gradients."""
+    torch.manual_seed(4)
+    layer = f64(Linear(shape[-1], 7, bias=bias))
+    assert_ok(check_layer(layer, randn(*shape)))
+    x, d = randn(*shape), randn(*shape[:-1], 7, seed=5)
+    with torch.no_grad():
+        out = layer.forward(x)
+        layer.zero_grad()
+        dx = layer.backward(d)
+    w = layer.params["weight"]
+    torch.testing.assert_close(out, x @ w + (layer.params["bias"] if bias else 0))
+    torch.testing.assert_close(dx, d @ w.T)
+    torch.testing.assert_close(layer.grads["weight"], x.reshape(-1, 9).T @ d.reshape(-1, 7))
+
+
+@pytest.mark.parametrize("batch", [4, 40, 100])  # vocabulary 7: 4 takes the layers' route, 40 and 100 the tables'
+@pytest.mark.parametrize("bias", [True, False])
+def test_embedding_linear(batch, bias):
+    torch.manual_seed(6)
+    emb, linear = f64(Embedding(7, 3)), f64(Linear(3 * 4, 5, bias=bias))
+    fused = EmbeddingLinear(emb, linear)
+    idx = torch.randint(0, 7, (batch, 4), generator=torch.Generator().manual_seed(7))
+    results = check_layer(fused, idx)
+    assert_ok(results)
+    assert {r.name for r in results} >= {"embedding", "weight"}
+    # the same numbers as the three layers it fuses, into the same gradient buffers
+    net = Sequential([("embedding", emb), ("flatten", Flatten()), ("linear", linear)])
+    d = randn(batch, 5, seed=8)
+    with torch.no_grad():
+        net.zero_grad()
+        out = net.forward(idx)
+        net.backward(d)
+        expected = [g.clone() for g in net.grad_list]
+        net.zero_grad()
+        torch.testing.assert_close(fused.forward(idx), out)
+        fused.backward(d)
+    for g, e in zip(net.grad_list, expected):
+        torch.testing.assert_close(g, e)
+    assert ("rows" in fused.saved) == (batch > fused.fold_above * 7)
 
 
 @pytest.mark.parametrize("shape", SHAPES_3D)

@@ -11,6 +11,8 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
   eager: `train.manual_step`, then the optimizer's `step`.
 - `manual-compiled`: `fastpath.CompiledStep`, the same layers and optimizer
   traced and compiled, one step per call; `manual-compiled-xK`: K steps per call.
+- `manual-cudagraph` (GPU): `fastpath.CudaGraphStep`, the eager manual step
+  recorded once as a CUDA graph and replayed; `manual-cudagraph-xK`: K steps per replay.
 
 All start from the same initial weights and draw batches from the same data.
 Each is warmed up first (compilation included there, and reported), then the
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import HandgradError
-from .fastpath import CompiledStep
+from .fastpath import CompiledStep, CudaGraphStep
 from .layers import Linear
 from .model import ModelConfig, build_model
 from .optim import SGD
@@ -43,10 +45,14 @@ BATCH_SIZES = (32, 8192)
 LR = 0.1  # small enough that thousands of timed steps stay finite
 
 
-def default_impls(batch_size: int | None = None) -> list[str]:
-    """Several steps per call only pay at small batches, where a call's fixed cost is most of a step."""
+def default_impls(batch_size: int | None = None, device: str = "cpu") -> list[str]:
+    """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
+    CUDA graphs only exist on a GPU."""
+    small = batch_size is None or batch_size < 1024
     impls = ["autograd", "autograd-compiled", "manual", "manual-compiled"]
-    return impls + ["manual-compiled-x4"] if batch_size is None or batch_size < 1024 else impls
+    if device == "cuda":
+        return impls + ["manual-cudagraph"] + (["manual-cudagraph-x16"] if small else [])
+    return impls + (["manual-compiled-x16"] if small else [])
 
 
 def sync(device: torch.device) -> None:
@@ -93,6 +99,14 @@ class CompiledRunner(Runner):
     def run(self, n):
         for _ in range(n // self.chunk):
             self.step(self.X, self.Y, self.draw(self.chunk, self.batch_size), LR)
+
+
+class CudaGraphRunner(CompiledRunner):
+    def __init__(self, *args, steps_per_call: int = 1):
+        Runner.__init__(self, *args)
+        self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
+        self.step = CudaGraphStep(self.model, self.optimizer, steps_per_call=steps_per_call)
+        self.chunk = steps_per_call
 
 
 class AutogradRunner(Runner):
@@ -147,10 +161,15 @@ def make_runner(name: str, *args) -> Runner:
         return ManualRunner(*args)
     if name == "manual-compiled":
         return CompiledRunner(*args)
-    if name.startswith("manual-compiled-x") and name[len("manual-compiled-x"):].isdigit() and int(name[17:]) >= 1:
-        return CompiledRunner(*args, steps_per_call=int(name[17:]))
+    if name == "manual-cudagraph":
+        return CudaGraphRunner(*args)
+    for prefix, runner in (("manual-compiled-x", CompiledRunner), ("manual-cudagraph-x", CudaGraphRunner)):
+        k = name[len(prefix):]
+        if name.startswith(prefix) and k.isdigit() and int(k) >= 1:
+            return runner(*args, steps_per_call=int(k))
     raise HandgradError(f"unknown implementation {name!r}: choose from autograd, autograd-compiled, manual, "
-                        f"manual-compiled, manual-compiled-xK (K steps per call)")
+                        f"manual-compiled, manual-compiled-xK (K steps per call), and on a GPU manual-cudagraph, "
+                        f"manual-cudagraph-xK")
 
 
 def matmul_flops(model, batch_size: int) -> int:
@@ -238,7 +257,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
     results, matmul = [], []
     for batch in cfg.batch_sizes:
         runners = {}
-        for name in cfg.impls or default_impls(batch):
+        for name in cfg.impls or default_impls(batch, device.type):
             r = make_runner(name, mc, batch, X, Y, device, cfg.seed)
             t0 = time.perf_counter()
             r.run(r.chunk)  # compiles, where there is anything to compile

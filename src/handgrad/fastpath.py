@@ -13,7 +13,7 @@ the parameter tensors and the gradient buffers the optimizer holds, the
 BatchNorm running statistics and the optimizer's state. The layers' saved
 intermediates are dropped at the end of each call.
 
-Costs: compiling takes seconds to tens of seconds, once per model shape,
+Costs: compiling takes seconds to a minute, once per model shape,
 batch size and learning rate (each distinct rate is a constant of its graph,
 so a schedule with a new rate every step suits the eager path). Speed: at small
 batches the eager path spends its time dispatching operations one by one; one
@@ -30,7 +30,7 @@ import torch
 from .errors import HandgradError
 from .optim import SGD
 
-IMPLS = ("eager", "compiled", "auto")
+IMPLS = ("eager", "compiled", "cudagraph", "auto")
 
 
 def can_compile(optimizer) -> bool:
@@ -40,6 +40,45 @@ def can_compile(optimizer) -> bool:
     constant every step, so every step would compile again.
     """
     return isinstance(optimizer, SGD)
+
+
+def fused(model):
+    """The model with its leading Embedding -> Flatten -> Linear run as one `EmbeddingLinear` over the
+    same tensors (a view: the layers, parameters, gradient buffers and running statistics are the
+    model's own); the model itself where it does not start that way."""
+    from .layers import Embedding, EmbeddingLinear, Flatten, Linear, Sequential
+    from .model import Model
+
+    layers = list(model.net.layers.items())
+    kinds = (Embedding, Flatten, Linear)
+    if len(layers) < 3 or not all(isinstance(layer, k) for (_, layer), k in zip(layers, kinds)):
+        return model
+    (emb_name, emb), _, (linear_name, linear) = layers[:3]
+    view = Model(model.config, Sequential([(f"{emb_name}+{linear_name}", EmbeddingLinear(emb, linear))] + layers[3:]))
+    view.loss_fn = model.loss_fn
+    return view.train(model.training)
+
+
+def run_steps(model, optimizer, steps: int, X, Y, idx, lr) -> torch.Tensor:
+    """The body both fast paths record: `steps` eager manual steps (batch gather, zero_grad,
+    forward, backward, update), or with `idx` None one forward and backward of the batch X, Y."""
+    losses = []
+    for k in range(steps):
+        x, y = (X, Y) if idx is None else (X[idx[k]], Y[idx[k]])
+        model.zero_grad()
+        losses.append(model.forward(x, y))
+        model.backward()
+        if optimizer is not None:
+            optimizer.step(lr)
+    model.clear_saved()
+    return torch.stack(losses)
+
+
+def check_args(steps_per_call: int, optimizer, X, idx) -> None:
+    if idx is None and steps_per_call != 1:
+        raise HandgradError(f"{steps_per_call} steps per call need batch indices")
+    if idx is not None and (idx.ndim != 2 or idx.shape[0] != steps_per_call):
+        raise HandgradError(f"batch indices must have shape ({steps_per_call}, batch), got {tuple(idx.shape)}")
 
 
 class CompiledStep:
@@ -59,30 +98,24 @@ class CompiledStep:
             raise HandgradError("several steps per call need the optimizer's update between them")
         if optimizer is not None and not can_compile(optimizer):
             raise HandgradError(f"the compiled update supports the sgd and momentum optimizers, not {type(optimizer).__name__}")
-        self.model, self.optimizer, self.steps_per_call = model, optimizer, steps_per_call
+        # the trace runs the fused view (the same tensors): large batches skip the first layer's matmuls
+        self.source, self.model, self.optimizer, self.steps_per_call = model, fused(model), optimizer, steps_per_call
         self.compile_seconds = 0.0
+        options = dict(options or {})
+        if model.parameters()[0].device.type == "cpu":
+            # the graph's launcher in C++ rather than Python: a few microseconds less per kernel
+            # launched, most of a small batch's step once the kernels are fused; compiling takes longer
+            options.setdefault("cpp_wrapper", True)
         self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
         self._seen: set[tuple] = set()
 
     def _steps(self, X, Y, idx, lr):
-        losses = []
-        for k in range(self.steps_per_call):
-            x, y = (X, Y) if idx is None else (X[idx[k]], Y[idx[k]])
-            self.model.zero_grad()
-            losses.append(self.model.forward(x, y))
-            self.model.backward()
-            if self.optimizer is not None:
-                self.optimizer.step(lr)
-        self.model.clear_saved()
-        return torch.stack(losses)
+        return run_steps(self.model, self.optimizer, self.steps_per_call, X, Y, idx, lr)
 
     def __call__(self, X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor | None, lr: float | None = None) -> torch.Tensor:
         """`idx` None: X and Y are one step's batch."""
-        if idx is None and self.steps_per_call != 1:
-            raise HandgradError(f"{self.steps_per_call} steps per call need batch indices")
-        if idx is not None and (idx.ndim != 2 or idx.shape[0] != self.steps_per_call):
-            raise HandgradError(f"batch indices must have shape ({self.steps_per_call}, batch), got {tuple(idx.shape)}")
-        if not self.model.training:
+        check_args(self.steps_per_call, self.optimizer, X, idx)
+        if not self.source.training:
             raise HandgradError("the compiled step trains: put the model in training mode first")
         lr = None if self.optimizer is None else float(self.optimizer.lr if lr is None else lr)
         key = (None if idx is None else tuple(idx.shape), tuple(X.shape), X.device, self.model.parameters()[0].dtype, lr)
@@ -99,6 +132,84 @@ class CompiledStep:
         return losses
 
 
+class CudaGraphStep:
+    """The eager manual step on a GPU, recorded once as a CUDA graph and replayed: one launch per
+    call instead of one per operation, the kernels being exactly the eager path's.
+
+    Same calls as `CompiledStep`: with an optimizer (SGD, with or without momentum; the learning
+    rate is recorded as a constant, one graph per rate), `steps_per_call` whole steps drawing
+    batches `X[idx[k]]`; without one, the forward and backward of the batch X, Y, the caller
+    updating. Recording runs the step twice for warm-up, so the state the step changes (weights,
+    gradient buffers, running statistics, optimizer state) is saved before and put back after.
+    A graph reads its inputs from fixed addresses: batches are copied into buffers of its own,
+    and `X`, `Y` of the indexed form must stay the same tensors. The returned losses are the
+    graph's own buffer, overwritten by the next call.
+    """
+
+    def __init__(self, model, optimizer=None, steps_per_call: int = 1):
+        if steps_per_call < 1:
+            raise HandgradError(f"steps per call must be at least 1, got {steps_per_call}")
+        if optimizer is None and steps_per_call != 1:
+            raise HandgradError("several steps per call need the optimizer's update between them")
+        if optimizer is not None and not can_compile(optimizer):
+            raise HandgradError(f"the recorded update supports the sgd and momentum optimizers, not {type(optimizer).__name__}")
+        if model.parameters()[0].device.type != "cuda":
+            raise HandgradError("CUDA graphs need the model on a CUDA device (--device cuda)")
+        self.model, self.optimizer, self.steps_per_call = model, optimizer, steps_per_call
+        self.graphs: dict[tuple, tuple] = {}
+        self.capture_seconds = 0.0
+
+    def _state(self) -> list[torch.Tensor]:
+        tensors = self.model.parameters() + self.model.grads() + [b for _, b in self.model.named_buffers()]
+        if self.optimizer is not None:
+            tensors += [t for ts in self.optimizer.state.values() for t in ts]
+        return tensors
+
+    def _record(self, X, Y, idx, lr):
+        t0 = time.perf_counter()
+        state = self._state()
+        saved = [t.clone() for t in state]
+        count = None if self.optimizer is None else self.optimizer.step_count.clone()
+        static = [torch.empty_like(t) for t in ((X, Y) if idx is None else (idx,))]
+        for buf, t in zip(static, (X, Y) if idx is None else (idx,)):
+            buf.copy_(t)
+        inputs = (static[0], static[1], None) if idx is None else (X, Y, static[0])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # lazy initialisation (library handles, workspaces) happens here, not in the graph
+                run_steps(self.model, self.optimizer, self.steps_per_call, *inputs, lr)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            losses = run_steps(self.model, self.optimizer, self.steps_per_call, *inputs, lr)
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            if count is not None:
+                self.optimizer.step_count.copy_(count)
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - t0
+        return graph, static, losses
+
+    def __call__(self, X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor | None, lr: float | None = None) -> torch.Tensor:
+        check_args(self.steps_per_call, self.optimizer, X, idx)
+        if not self.model.training:
+            raise HandgradError("the recorded step trains: put the model in training mode first")
+        lr = None if self.optimizer is None else float(self.optimizer.lr if lr is None else lr)
+        shapes = (tuple(X.shape), tuple(Y.shape)) if idx is None else (tuple(idx.shape), X.data_ptr(), Y.data_ptr())
+        key = (shapes, lr)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(X, Y, idx, lr)
+        graph, static, losses = self.graphs[key]
+        for buf, t in zip(static, (X, Y) if idx is None else (idx,)):
+            buf.copy_(t)
+        graph.replay()
+        if self.optimizer is not None:  # the step count is a CPU tensor, outside the graph
+            self.optimizer.step_count += self.steps_per_call
+        return losses
+
+
 # Choosing a path for `handgrad train --impl auto`: compile when the run is long enough that the
 # time saved exceeds the compile time. Measured with `handgrad bench` on one CPU core: compiling
 # takes about COMPILE_SECONDS, and a compiled step saves about SAVED_PER_STEP + SAVED_PER_EXAMPLE
@@ -112,36 +223,42 @@ def worth_compiling(steps: int, batch_size: int) -> bool:
     return steps * (SAVED_PER_STEP + SAVED_PER_EXAMPLE * batch_size) > COMPILE_SECONDS
 
 
-def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: bool = False) -> tuple[str, str]:
-    """The path `handgrad train` takes, and why: ("eager" or "compiled", reason)."""
+def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: bool = False,
+                device: str = "cpu") -> tuple[str, str]:
+    """The path `handgrad train` takes, and why: ("eager", "compiled" or "cudagraph", reason)."""
     if impl not in IMPLS:
         raise HandgradError(f"unknown --impl {impl!r}: choose one of {', '.join(IMPLS)}")
     if grad != "manual":
-        if impl == "compiled":
-            raise HandgradError("--impl compiled compiles the manual backward; it cannot run with --grad autograd")
+        if impl in ("compiled", "cudagraph"):
+            raise HandgradError(f"--impl {impl} speeds up the manual backward; it cannot run with --grad autograd")
         return "eager", "autograd gradients run eagerly"
-    if impl == "compiled":
+    if impl == "cudagraph" and device != "cuda":
+        raise HandgradError("--impl cudagraph needs --device cuda")
+    if impl in ("compiled", "cudagraph"):
         if diagnostics:
-            raise HandgradError("--diagnostics reads each layer's saved activations, which the compiled step does not keep; "
+            raise HandgradError(f"--diagnostics reads each layer's saved activations, which the {impl} step does not keep; "
                                 "use --impl eager")
-        return "compiled", "--impl compiled"
+        return impl, f"--impl {impl}"
     if impl == "eager":
         return "eager", "--impl eager"
     if diagnostics:
         return "eager", "auto: --diagnostics reads the eager path's saved activations"
+    if device == "cuda":  # the recorded step is opt-in until its speed on a GPU has been measured
+        return "eager", "auto: eager on a GPU (--impl cudagraph records the step as a CUDA graph)"
     if worth_compiling(steps, batch_size):
         return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{COMPILE_SECONDS:.0f}s compile"
     return "eager", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile"
 
 
-def compiled_train_step(model):
-    """A `step_fn(model, x, y) -> loss` for the training loop: forward and backward compiled, update left to the loop."""
-    compiled = CompiledStep(model)
+def compiled_train_step(model, impl: str = "compiled"):
+    """A `step_fn(model, x, y) -> loss` for the training loop: forward and backward compiled (or recorded
+    as a CUDA graph), the update left to the loop."""
+    compiled = CompiledStep(model) if impl == "compiled" else CudaGraphStep(model)
 
     def step_fn(m, x, y):
         if m is not model:
             raise HandgradError("this compiled step belongs to another model")
-        return compiled(x, y, None)[0]
+        return compiled(x, y, None)[0].clone()  # a graph's loss buffer is overwritten by its next replay
 
     step_fn.compiled = compiled
     return step_fn
