@@ -37,3 +37,13 @@ def test_unknown_impl_and_bad_threads():
         make_runner("fast", ModelConfig(), 4, None, None, "cpu", 0)
     with pytest.raises(HandgradError, match="threads"):
         run_bench(BenchConfig(threads=0))
+
+
+def test_keep_freed_memory_where_the_c_library_is_glibc():
+    import platform
+
+    from handgrad.allocator import keep_freed_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    assert keep_freed_memory() is glibc  # setting it again is harmless

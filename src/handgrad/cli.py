@@ -7,6 +7,7 @@ import math
 import sys
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .errors import HandgradError
 
 
@@ -291,6 +292,7 @@ COMMANDS = {"check": cmd_check, "train": cmd_train, "sample": cmd_sample, "eval"
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)

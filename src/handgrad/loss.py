@@ -20,9 +20,10 @@ class CrossEntropy(Module):
     # d loss / d logits = (softmax(logits) - onehot(targets)) / N
     def backward(self, dloss=1.0):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
-        scale = dloss / len(targets)
+        n = targets.shape[0]
+        scale = dloss / n
         dlogits = logprobs.exp().mul_(scale)
-        return dlogits.scatter_add_(1, targets.view(-1, 1), logprobs.new_full((len(targets), 1), -scale))
+        return dlogits.scatter_add_(1, targets.view(-1, 1), logprobs.new_full((n, 1), -scale))
 
 
 class CrossEntropyStepwise(CrossEntropy):

@@ -82,9 +82,14 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.weight_decay = per_parameter(weight_decay, len(self.params))
 
-    @torch.no_grad()
     def step(self, lr: float | None = None) -> None:
         lr = self.lr if lr is None else lr
+        if any(p.requires_grad for p in self.params):  # the update is not part of any graph
+            with torch.no_grad():
+                return self._update(lr)
+        return self._update(lr)  # plain tensors record nothing: no context to enter (microseconds a step)
+
+    def _update(self, lr: float) -> None:
         if not self.momentum and not any(self.weight_decay):  # plain SGD: one call updates every parameter
             torch._foreach_add_(self.params, self.grads, alpha=-lr)
             self.step_count += 1

@@ -105,17 +105,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 65536) -> float:
-    """Mean loss over a whole split, in eval mode (BatchNorm's running statistics)."""
+def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048) -> float:
+    """Mean loss over a whole split, in eval mode (BatchNorm's running statistics).
+
+    Chunks of 2048 rows: tensors small enough for the allocator to reuse chunk after chunk (one
+    chunk of a 21,000-row split took 3.7x as long, most of it in fresh pages); through the fused
+    view of the model, whose first layer gathers from precomputed tables at this size.
+    """
     was_training = model.training
     model.eval()
+    net = fastpath.fused(model)
     try:
         total = 0.0
         for i in range(0, len(Y), chunk):
-            total += float(model.forward(X[i:i + chunk], Y[i:i + chunk])) * len(Y[i:i + chunk])
+            total += float(net.forward(X[i:i + chunk], Y[i:i + chunk])) * len(Y[i:i + chunk])
         return total / max(len(Y), 1)
     finally:
         model.train(was_training)
+        net.clear_saved()
         model.clear_saved()
 
 
