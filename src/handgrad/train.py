@@ -262,7 +262,8 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     metrics_path = out_dir / checkpoint.METRICS
     metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
-    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type)
+    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
+                                     torch.get_num_threads())
     if impl in ("compiled", "cudagraph"):
         step_fn = fastpath.compiled_train_step(model, impl)
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
