@@ -39,6 +39,12 @@ def test_unknown_impl_and_bad_threads():
         run_bench(BenchConfig(threads=0))
 
 
+def test_cuda_graphs_need_a_gpu(capsys):
+    rc = main(["bench", "--impls", "manual-cudagraph", "--batch-sizes", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "CUDA graphs need the model on a CUDA device" in err[0]
+
+
 def test_keep_freed_memory_where_the_c_library_is_glibc():
     import platform
 

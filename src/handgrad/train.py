@@ -217,6 +217,10 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
+    start = resume.step if resume is not None else 0
+    # the step's path, settled (and a bad --impl refused) before anything is loaded or written
+    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
+                                     torch.get_num_threads())
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HandgradError(f"output path exists and is not a folder: {out_dir}")
@@ -258,12 +262,9 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_temporaries(out_dir)
-    start = resume.step if resume is not None else 0
     metrics_path = out_dir / checkpoint.METRICS
     metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
-    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
-                                     torch.get_num_threads())
     if impl in ("compiled", "cudagraph"):
         step_fn = fastpath.compiled_train_step(model, impl)
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
