@@ -33,7 +33,7 @@ for impl in cudagraph eager; do
     step "train-manual-$impl" hg train --device cuda --impl "$impl" --split examples -n 5 -o "$out/run-manual-$impl" "${data[@]}"
 done
 step train-autograd hg train --device cuda --grad autograd --split examples -n 5 -o "$out/run-autograd" "${data[@]}"
-step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-compiled,manual-cudagraph,manual-cudagraph-x16}"
+step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-compiled,manual-cudagraph,manual-cudagraph-x32}"
 "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path

@@ -51,8 +51,8 @@ def default_impls(batch_size: int | None = None, device: str = "cpu") -> list[st
     small = batch_size is None or batch_size < 1024
     impls = ["autograd", "autograd-compiled", "manual", "manual-compiled"]
     if device == "cuda":
-        return impls + ["manual-cudagraph"] + (["manual-cudagraph-x16"] if small else [])
-    return impls + (["manual-compiled-x16"] if small else [])
+        return impls + ["manual-cudagraph"] + (["manual-cudagraph-x32"] if small else [])
+    return impls + (["manual-compiled-x32"] if small else [])
 
 
 def sync(device: torch.device) -> None:

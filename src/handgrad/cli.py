@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes, comma-separated (default 32,8192)")
     p.add_argument("--impls", type=name_list, default=None, metavar="NAME,NAME",
                    help="implementations, comma-separated (default autograd,autograd-compiled,manual,"
-                        "manual-compiled, and manual-compiled-x16 below batch 1024; manual-compiled-xK "
+                        "manual-compiled, and manual-compiled-x32 below batch 1024; manual-compiled-xK "
                         "runs K steps per call)")
     p.add_argument("--rounds", type=positive_int, default=7, help="timed rounds, implementations taking turns (default 7)")
     p.add_argument("--seconds", type=positive_float, default=0.25,

@@ -1,4 +1,5 @@
-"""The fast path: whole manual training steps compiled into one graph.
+"""The fast paths: whole manual training steps compiled into one graph (CPU or GPU), or recorded
+as a CUDA graph (GPU).
 
 `CompiledStep` traces the model's own layers (their `forward` and `backward`,
 the very methods the eager path runs) and the optimizer's own `step`, with
@@ -12,6 +13,11 @@ What a compiled step changes in place is exactly what the eager step changes:
 the parameter tensors and the gradient buffers the optimizer holds, the
 BatchNorm running statistics and the optimizer's state. The layers' saved
 intermediates are dropped at the end of each call.
+
+The compiled step traces the model's fused view (`fused`): the same layer objects and tensors,
+with the leading Embedding -> Flatten -> Linear run as one `layers.EmbeddingLinear`, which at
+large batches gathers from precomputed tables instead of multiplying the embeddings (its own
+gradient check is in tests/test_layers.py, and the trajectory tests cover both of its routes).
 
 Costs: compiling takes seconds to a minute, once per model shape,
 batch size and learning rate (each distinct rate is a constant of its graph,
@@ -74,7 +80,16 @@ def run_steps(model, optimizer, steps: int, X, Y, idx, lr) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def check_args(steps_per_call: int, optimizer, X, idx) -> None:
+def check_setup(optimizer, steps_per_call: int, what: str) -> None:
+    if steps_per_call < 1:
+        raise HandgradError(f"steps per call must be at least 1, got {steps_per_call}")
+    if optimizer is None and steps_per_call != 1:
+        raise HandgradError("several steps per call need the optimizer's update between them")
+    if optimizer is not None and not can_compile(optimizer):
+        raise HandgradError(f"the {what} update supports the sgd and momentum optimizers, not {type(optimizer).__name__}")
+
+
+def check_call(steps_per_call: int, idx) -> None:
     if idx is None and steps_per_call != 1:
         raise HandgradError(f"{steps_per_call} steps per call need batch indices")
     if idx is not None and (idx.ndim != 2 or idx.shape[0] != steps_per_call):
@@ -92,12 +107,7 @@ class CompiledStep:
     """
 
     def __init__(self, model, optimizer=None, steps_per_call: int = 1, options: dict | None = None):
-        if steps_per_call < 1:
-            raise HandgradError(f"steps per call must be at least 1, got {steps_per_call}")
-        if optimizer is None and steps_per_call != 1:
-            raise HandgradError("several steps per call need the optimizer's update between them")
-        if optimizer is not None and not can_compile(optimizer):
-            raise HandgradError(f"the compiled update supports the sgd and momentum optimizers, not {type(optimizer).__name__}")
+        check_setup(optimizer, steps_per_call, "compiled")
         # the trace runs the fused view (the same tensors): large batches skip the first layer's matmuls
         self.source, self.model, self.optimizer, self.steps_per_call = model, fused(model), optimizer, steps_per_call
         self.compile_seconds = 0.0
@@ -114,7 +124,7 @@ class CompiledStep:
 
     def __call__(self, X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor | None, lr: float | None = None) -> torch.Tensor:
         """`idx` None: X and Y are one step's batch."""
-        check_args(self.steps_per_call, self.optimizer, X, idx)
+        check_call(self.steps_per_call, idx)
         if not self.source.training:
             raise HandgradError("the compiled step trains: put the model in training mode first")
         lr = None if self.optimizer is None else float(self.optimizer.lr if lr is None else lr)
@@ -147,12 +157,7 @@ class CudaGraphStep:
     """
 
     def __init__(self, model, optimizer=None, steps_per_call: int = 1):
-        if steps_per_call < 1:
-            raise HandgradError(f"steps per call must be at least 1, got {steps_per_call}")
-        if optimizer is None and steps_per_call != 1:
-            raise HandgradError("several steps per call need the optimizer's update between them")
-        if optimizer is not None and not can_compile(optimizer):
-            raise HandgradError(f"the recorded update supports the sgd and momentum optimizers, not {type(optimizer).__name__}")
+        check_setup(optimizer, steps_per_call, "recorded")
         if model.parameters()[0].device.type != "cuda":
             raise HandgradError("CUDA graphs need the model on a CUDA device (--device cuda)")
         self.model, self.optimizer, self.steps_per_call = model, optimizer, steps_per_call
@@ -193,7 +198,7 @@ class CudaGraphStep:
         return graph, static, losses
 
     def __call__(self, X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor | None, lr: float | None = None) -> torch.Tensor:
-        check_args(self.steps_per_call, self.optimizer, X, idx)
+        check_call(self.steps_per_call, idx)
         if not self.model.training:
             raise HandgradError("the recorded step trains: put the model in training mode first")
         lr = None if self.optimizer is None else float(self.optimizer.lr if lr is None else lr)
