@@ -1,6 +1,7 @@
 """The GPU paths: `--device cuda` for check and train, and the CUDA-graph step against the eager
-manual step. Skipped where there is no CUDA GPU (CI has none); run on a GPU machine with
-`python -m pytest tests/test_cuda.py`. The refusals at the end run everywhere.
+manual step (its trajectory test is with the compiled step's, in test_fastpath.py). Skipped where
+there is no CUDA GPU (CI has none); run on a GPU machine with `python -m pytest tests/test_cuda.py
+tests/test_fastpath.py`. The refusals at the end run everywhere.
 """
 import json
 
@@ -15,22 +16,14 @@ from handgrad.model import ModelConfig, build_model
 from handgrad.optim import SGD, AdamW
 from handgrad.train import manual_step
 
-TINY = ModelConfig(vocab_size=7, block_size=3, n_embd=4, n_hidden=16)
+from test_fastpath import TINY, assert_same_state
+from test_fastpath import data as cpu_data
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def data(n=64, seed=0, device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 7, (n, 3), generator=g).to(device), torch.randint(0, 7, (n,), generator=g).to(device))
-
-
-def assert_same_state(a, b, atol=1e-5):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=name)
-    for g, h in zip(a.grads(), b.grads()):
-        torch.testing.assert_close(g, h, rtol=0, atol=atol)
-    for (name, t), (_, u) in zip(a.named_buffers(), b.named_buffers()):
-        torch.testing.assert_close(t, u, rtol=0, atol=atol, msg=name)
+def data(n=64, seed=0):
+    return cpu_data(n, seed, device="cuda")
 
 
 @gpu
@@ -44,31 +37,6 @@ def test_gradient_check_on_the_gpu(model):
         x = torch.randint(0, 7, (32, 8), device="cuda")
     results = check_model(m, x, y)
     assert passed(results), [r.name for r in results if not r.close]
-
-
-@gpu
-@pytest.mark.parametrize("momentum,k", [(0.0, 1), (0.0, 4), (0.9, 2)])
-def test_cuda_graph_steps_follow_the_eager_trajectory(momentum, k):
-    models = [build_model(TINY, seed=3, device="cuda") for _ in range(2)]
-    eager, graphed = models
-    opt_e, opt_g = (SGD(m.parameters(), m.grads(), lr=0.5, momentum=momentum) for m in models)
-    X, Y = data()
-    step = CudaGraphStep(graphed, opt_g, steps_per_call=k)
-    assert_same_state(eager, graphed, atol=0)  # recording put back everything its warm-up changed
-    g = torch.Generator(device="cuda").manual_seed(1)
-    params = graphed.parameters()
-    for call in range(12 // k):
-        idx = torch.randint(0, len(Y), (k, 16), generator=g, device="cuda")
-        lr = 0.5 if call < 6 // k else 0.05  # a second learning rate: a second graph
-        losses = step(X, Y, idx, lr).clone()
-        for j in range(k):
-            loss = manual_step(eager, X[idx[j]], Y[idx[j]])
-            opt_e.step(lr)
-            torch.testing.assert_close(losses[j], loss, rtol=0, atol=1e-5)
-        assert_same_state(eager, graphed)
-    assert all(p is q for p, q in zip(params, graphed.parameters()))
-    assert int(opt_g.step_count) == int(opt_e.step_count) == 12
-    assert len(step.graphs) == 2
 
 
 @gpu

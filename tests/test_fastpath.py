@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from handgrad.errors import HandgradError
-from handgrad.fastpath import CompiledStep, choose_impl, compiled_train_step, fused
+from handgrad.fastpath import CompiledStep, CudaGraphStep, choose_impl, compiled_train_step, fused
 from handgrad.model import ModelConfig, build_model
 from handgrad.optim import SGD, AdamW
 from handgrad.train import manual_step
@@ -15,13 +15,13 @@ from handgrad.train import manual_step
 TINY = ModelConfig(vocab_size=7, block_size=3, n_embd=4, n_hidden=16)
 
 
-def data(n=64, seed=0):
+def data(n=64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 7, (n, 3), generator=g), torch.randint(0, 7, (n,), generator=g)
+    return torch.randint(0, 7, (n, 3), generator=g).to(device), torch.randint(0, 7, (n,), generator=g).to(device)
 
 
-def pair(momentum=0.0):
-    models = [build_model(TINY, seed=3) for _ in range(2)]
+def pair(momentum=0.0, device="cpu"):
+    models = [build_model(TINY, seed=3, device=device) for _ in range(2)]
     opts = [SGD(m.parameters(), m.grads(), lr=0.5, momentum=momentum) for m in models]
     return models, opts
 
@@ -35,30 +35,43 @@ def assert_same_state(a, b, atol=1e-5):
         torch.testing.assert_close(t, u, rtol=0, atol=atol, msg=name)
 
 
-# batch 16 takes the embedding's and first Linear's own route, batch 64 their precomputed tables
-@pytest.mark.parametrize("momentum,k,lrs,batch", [(0.0, 2, (0.5, 0.05), 16), (0.9, 1, (0.5,), 16), (0.0, 1, (0.5,), 64)])
-def test_compiled_steps_follow_the_eager_trajectory(momentum, k, lrs, batch):
-    (eager, compiled), (opt_e, opt_c) = pair(momentum)
-    X, Y = data()
-    step = CompiledStep(compiled, opt_c, steps_per_call=k)
-    g = torch.Generator().manual_seed(1)
-    params = compiled.parameters()
-    grads = opt_c.grads
-    calls = 10 // k
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# batch 16 takes the embedding's and first Linear's own route, batch 64 their precomputed tables;
+# the CUDA-graph step runs the same trajectory on a GPU
+@pytest.mark.parametrize("kind,momentum,k,lrs,batch", [
+    ("compiled", 0.0, 2, (0.5, 0.05), 16), ("compiled", 0.9, 1, (0.5,), 16), ("compiled", 0.0, 1, (0.5,), 64),
+    pytest.param("cudagraph", 0.0, 4, (0.5, 0.05), 16, marks=needs_gpu),
+    pytest.param("cudagraph", 0.9, 1, (0.5, 0.05), 64, marks=needs_gpu),
+])
+def test_fast_steps_follow_the_eager_trajectory(kind, momentum, k, lrs, batch):
+    device = "cuda" if kind == "cudagraph" else "cpu"
+    (eager, fast), (opt_e, opt_f) = pair(momentum, device)
+    X, Y = data(device=device)
+    step = CompiledStep(fast, opt_f, steps_per_call=k) if kind == "compiled" else CudaGraphStep(fast, opt_f, steps_per_call=k)
+    assert_same_state(eager, fast, atol=0)  # setting up changed nothing (a recording puts back what its warm-up changed)
+    g = torch.Generator(device=device).manual_seed(1)
+    params = fast.parameters()
+    grads = opt_f.grads
+    calls = 12 // k
     for call in range(calls):
-        idx = torch.randint(0, len(Y), (k, batch), generator=g)
-        lr = lrs[0] if call < calls // 2 else lrs[-1]  # a second learning rate: a second compiled graph
-        losses = step(X, Y, idx, lr)
+        idx = torch.randint(0, len(Y), (k, batch), generator=g, device=device)
+        lr = lrs[0] if call < calls // 2 else lrs[-1]  # a second learning rate: a second graph
+        losses = step(X, Y, idx, lr).clone()
         for j in range(k):
             loss = manual_step(eager, X[idx[j]], Y[idx[j]])
             opt_e.step(lr)
             torch.testing.assert_close(losses[j], loss, rtol=0, atol=1e-5)
-        assert_same_state(eager, compiled)
+        assert_same_state(eager, fast)
     # the very tensors the optimizer holds were updated in place
-    assert all(p is q for p, q in zip(params, compiled.parameters()))
-    assert all(g is h for g, h in zip(grads, compiled.grads()))
-    assert int(opt_c.step_count) == int(opt_e.step_count) == 10
-    assert step.compile_seconds > 0
+    assert all(p is q for p, q in zip(params, fast.parameters()))
+    assert all(g is h for g, h in zip(grads, fast.grads()))
+    assert int(opt_f.step_count) == int(opt_e.step_count) == 12
+    if kind == "compiled":
+        assert step.compile_seconds > 0
+    else:
+        assert len(step.graphs) == len(set(lrs))
 
 
 def test_fused_view_shares_the_models_tensors():

@@ -10,7 +10,7 @@ from handgrad import diagnostics
 from handgrad.cli import main
 from handgrad.errors import HandgradError
 from handgrad.gradcheck import check_layer, check_model, finite_difference_check, passed
-from handgrad.layers import BatchNorm1d, FlattenConsecutive, Linear, Tanh
+from handgrad.layers import FlattenConsecutive, Linear, Tanh
 from handgrad.model import DEFAULTS, MODELS, TRAINING, ModelConfig, build_model
 from handgrad.train import TrainConfig, manual_step, train
 

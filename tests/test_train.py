@@ -1,7 +1,6 @@
 """Training: the manual run tracks the autograd run step for step, and a run leaves a complete folder."""
 import json
 
-import pytest
 import torch
 
 from handgrad.cli import main
