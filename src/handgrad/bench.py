@@ -90,10 +90,12 @@ class ManualRunner(Runner):
 
 
 class CompiledRunner(Runner):
+    step_class = CompiledStep
+
     def __init__(self, *args, steps_per_call: int = 1):
         super().__init__(*args)
         self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
-        self.step = CompiledStep(self.model, self.optimizer, steps_per_call=steps_per_call)
+        self.step = self.step_class(self.model, self.optimizer, steps_per_call=steps_per_call)
         self.chunk = steps_per_call
 
     def run(self, n):
@@ -102,11 +104,7 @@ class CompiledRunner(Runner):
 
 
 class CudaGraphRunner(CompiledRunner):
-    def __init__(self, *args, steps_per_call: int = 1):
-        Runner.__init__(self, *args)
-        self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
-        self.step = CudaGraphStep(self.model, self.optimizer, steps_per_call=steps_per_call)
-        self.chunk = steps_per_call
+    step_class = CudaGraphStep
 
 
 class AutogradRunner(Runner):

@@ -108,9 +108,9 @@ def resolve_device(name: str) -> torch.device:
 def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048) -> float:
     """Mean loss over a whole split, in eval mode (BatchNorm's running statistics).
 
-    Chunks of 2048 rows: tensors small enough for the allocator to reuse chunk after chunk (one
-    chunk of a 21,000-row split took 3.7x as long, most of it in fresh pages); through the fused
-    view of the model, whose first layer gathers from precomputed tables at this size.
+    Chunks of 2048 rows, through the fused view of the model (its first layer gathers from
+    precomputed tables at this size): a 21,141-row split took 53.6 ms as one chunk, 16.4 ms in
+    2048-row chunks and 14.3 ms through the fused view, on one CPU core.
     """
     was_training = model.training
     model.eval()
