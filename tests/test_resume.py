@@ -37,6 +37,13 @@ def straight_and_resumed(tmp_path, capsys, monkeypatch, steps, stop_at, extra=()
     return a, b
 
 
+def saved_run(tmp_path, capsys, *extra):
+    """A finished 20-step run in tmp_path / "run", and a snapshot of its folder to prove a refusal left it alone."""
+    out = tmp_path / "run"
+    assert run_cli(["train", "-o", out, *extra, "--steps", 20, *QUICK], capsys)[0] == 0
+    return out, snapshot(out)
+
+
 def assert_same_run(a, b):
     assert_bit_identical(weights(a), weights(b))
     # optimizer state and generators too: the two runs could go on identically
@@ -100,9 +107,7 @@ def test_resume_with_more_steps_continues_the_metrics(tmp_path, capsys):
 
 
 def test_resume_of_a_finished_run_says_how_to_go_on(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_cli(["train", "-o", out, "--steps", 20, *QUICK], capsys)[0] == 0
-    before = snapshot(out)
+    out, before = saved_run(tmp_path, capsys)
     rc, _, err = run_cli(["train", "-o", out, "--resume"], capsys)
     assert_one_line_error(rc, err, "already finished its 20 steps", "--steps")
     rc, _, err = run_cli(["train", "-o", out, "--resume", "--steps", 10], capsys)
@@ -111,9 +116,7 @@ def test_resume_of_a_finished_run_says_how_to_go_on(tmp_path, capsys):
 
 
 def test_resume_refuses_a_setting_that_changes_the_run(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_cli(["train", "-o", out, "--steps", 20, *QUICK], capsys)[0] == 0
-    before = snapshot(out)
+    out, before = saved_run(tmp_path, capsys)
     rc, _, err = run_cli(["train", "-o", out, "--resume", "--steps", 40, "--batch-size", 64], capsys)
     assert_one_line_error(rc, err, "--batch-size 64 differs from the saved run's 32")
     # setting a value the run already has is no change
@@ -126,9 +129,7 @@ def test_resume_refuses_a_setting_that_changes_the_run(tmp_path, capsys):
 def test_resume_refuses_different_data(tmp_path, capsys):
     data = tmp_path / "words.txt"
     data.write_text("\n".join(f"name{chr(97 + i)}{chr(97 + j)}" for i in range(6) for j in range(6)) + "\n")
-    out = tmp_path / "run"
-    assert run_cli(["train", "-o", out, "-i", data, "--steps", 20, *QUICK], capsys)[0] == 0
-    before = snapshot(out)
+    out, before = saved_run(tmp_path, capsys, "-i", data)
     data.write_text(data.read_text() + "zelda\n")
     rc, _, err = run_cli(["train", "-o", out, "--resume", "--steps", 40], capsys)
     assert_one_line_error(rc, err, "data differs", "same file")
@@ -136,9 +137,7 @@ def test_resume_refuses_different_data(tmp_path, capsys):
 
 
 def test_a_fresh_run_never_overwrites_a_saved_one(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_cli(["train", "-o", out, "--steps", 20, *QUICK], capsys)[0] == 0
-    before = snapshot(out)
+    out, before = saved_run(tmp_path, capsys)
     rc, _, err = run_cli(["train", "-o", out, "--steps", 20, *QUICK], capsys)
     assert_one_line_error(rc, err, "already holds a run", "--resume")
     assert snapshot(out) == before

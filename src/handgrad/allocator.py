@@ -19,8 +19,12 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the 
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the heap's top
 
 
+_kept = False  # whether this process has set them
+
+
 def keep_freed_memory() -> bool:
     """Set the thresholds where the C library is glibc; True if it took effect."""
+    global _kept
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -29,4 +33,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # another C library (musl, ...): leave it as it is
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _kept
+
+
+def keeps_freed_memory() -> bool:
+    """Whether `keep_freed_memory` took effect in this process (the `handgrad` command calls it)."""
+    return _kept

@@ -234,10 +234,10 @@ def machine_info(device: torch.device) -> dict:
                     break
     except OSError:
         pass
-    from .allocator import keep_freed_memory
+    from .allocator import keeps_freed_memory
 
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "keeps_freed_memory": keep_freed_memory(),  # already set by the command; the same for every implementation
+            "keeps_freed_memory": keeps_freed_memory(),  # as the timings ran: the same for every implementation
             "python": platform.python_version(), "torch": torch.__version__, "handgrad": __version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -215,8 +215,7 @@ def cmd_check(args) -> int:
     x, y = ds.X["train"][idx].to(device), ds.Y["train"][idx].to(device)
     results = check_model(model, x, y)
     if args.fd_samples:
-        results += finite_difference_check(model, x.cpu(), y.cpu(), samples_per_param=args.fd_samples) if device.type == "cpu" \
-            else finite_difference_check(model, x, y, samples_per_param=args.fd_samples)
+        results += finite_difference_check(model, x, y, samples_per_param=args.fd_samples)
     ok = passed(results)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
