@@ -11,6 +11,7 @@ from handgrad.layers import (
     BatchNorm1dStepwise,
     Embedding,
     EmbeddingLinear,
+    EmbeddingLinearBatchNormTanh,
     Flatten,
     FlattenConsecutive,
     Linear,
@@ -145,6 +146,61 @@ def test_embedding_linear(batch, bias):
     for g, e in zip(net.grad_list, expected):
         torch.testing.assert_close(g, e)
     assert ("rows" in fused.saved) == (batch > fused.fold_above * 7)
+
+
+@pytest.mark.parametrize("batch,vocab,context", [(4, 7, 4), (40, 7, 4), (100, 7, 4), (64, 5, 2), (33, 3, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_embedding_linear_batchnorm_tanh(batch, vocab, context, bias, training):
+    """Both routes (batch 4 takes the layers', the others the tables' with the one-pass backward)
+    against autograd and finite differences, and against the five layers it fuses."""
+    torch.manual_seed(9)
+    emb, linear = f64(Embedding(vocab, 3)), f64(Linear(3 * context, 6, bias=bias))
+    bn, tanh = f64(BatchNorm1d(6)), Tanh()
+    with torch.no_grad():  # a gain and shift away from 1 and 0
+        bn.params["weight"].copy_(randn(6, seed=10).abs() + 0.5)
+        bn.params["bias"].copy_(randn(6, seed=11))
+    fused = EmbeddingLinearBatchNormTanh(emb, linear, bn, tanh).train(training)
+    idx = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(7))
+    results = check_layer(fused, idx)
+    assert_ok(results)
+    assert {r.name for r in results} >= {"embedding", "weight", "batchnorm.weight", "batchnorm.bias"}
+    net = Sequential([("embedding", emb), ("flatten", Flatten()), ("linear", linear), ("bn", bn), ("tanh", tanh)])
+    net.train(training)
+    d = randn(batch, 6, seed=8)
+    start = [b.clone() for _, b in net.named_buffers()]
+    with torch.no_grad():
+        net.zero_grad()
+        out = net.forward(idx)
+        net.backward(d)
+        expected = [g.clone() for g in net.grad_list]
+        stats = [b.clone() for _, b in net.named_buffers()]
+        for (_, b), s in zip(net.named_buffers(), start):
+            b.copy_(s)
+        net.zero_grad()
+        torch.testing.assert_close(fused.forward(idx), out)
+        assert fused.backward(d) is None
+    for g, e in zip(net.grad_list, expected):  # the same numbers, into the same gradient buffers
+        torch.testing.assert_close(g, e)
+    for (_, b), s in zip(net.named_buffers(), stats):
+        torch.testing.assert_close(b, s)
+    assert ("rows" in fused.first.saved) == (batch > fused.first.fold_above * vocab)
+
+
+def test_embedding_linear_batchnorm_tanh_check_catches_an_error_in_the_tables():
+    """The tables' gradient off by a thousandth of its first vocabulary row: the check fails."""
+    torch.manual_seed(9)
+    fused = EmbeddingLinearBatchNormTanh(f64(Embedding(7, 3)), f64(Linear(12, 6)), f64(BatchNorm1d(6)), Tanh())
+    idx = torch.randint(0, 7, (40, 4), generator=torch.Generator().manual_seed(7))
+    real = fused.first.table_backward
+
+    def wrong(dtables):
+        real(dtables + 1e-3 * dtables[:, :1])
+
+    fused.first.table_backward = wrong
+    results = check_layer(fused, idx)
+    assert not all(r.close for r in results)
+    assert {r.name for r in results if not r.close} >= {"embedding", "weight"}
 
 
 @pytest.mark.parametrize("shape", SHAPES_3D)

@@ -1,10 +1,11 @@
 """Training: the manual run tracks the autograd run step for step, and a run leaves a complete folder."""
+import gc
 import json
 
 import torch
 
 from handgrad.cli import main
-from handgrad.train import TrainConfig, train
+from handgrad.train import TrainConfig, gc_frozen, train
 
 
 def read_metrics(path):
@@ -120,3 +121,16 @@ def test_check_refuses_a_batch_of_one_with_batchnorm(capsys):
     assert main(["check", "--batch-size", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "variance" in err and "--batch-size 2" in err
+
+
+def test_gc_frozen_is_undone_on_the_way_out():
+    assert gc.get_freeze_count() == 0
+    with gc_frozen():
+        assert gc.get_freeze_count() > 0  # what existed is left out of full collections
+    assert gc.get_freeze_count() == 0
+    try:
+        with gc_frozen():
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert gc.get_freeze_count() == 0

@@ -39,7 +39,7 @@ from .fastpath import CompiledStep, CudaGraphStep
 from .layers import Linear
 from .model import ModelConfig, build_model
 from .optim import SGD
-from .train import manual_step
+from .train import gc_frozen, manual_step
 
 BATCH_SIZES = (32, 8192)
 LR = 0.1  # small enough that thousands of timed steps stay finite
@@ -273,15 +273,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
             runners[name] = (r, steps, first)
             log(f"batch {batch}: {name} ready (first call {first:.1f}s), {steps} steps per round")
         rates = {name: [] for name in runners}
-        for i in range(cfg.rounds):
-            order = list(runners) if i % 2 == 0 else list(reversed(runners))
-            for name in order:
-                r, steps, _ = runners[name]
-                sync(device)
-                t0 = time.perf_counter()
-                r.run(steps)
-                sync(device)
-                rates[name].append(steps / (time.perf_counter() - t0))
+        with gc_frozen():  # no full garbage collection lands in one implementation's round
+            for i in range(cfg.rounds):
+                order = list(runners) if i % 2 == 0 else list(reversed(runners))
+                for name in order:
+                    r, steps, _ = runners[name]
+                    sync(device)
+                    t0 = time.perf_counter()
+                    r.run(steps)
+                    sync(device)
+                    rates[name].append(steps / (time.perf_counter() - t0))
         model = next(iter(runners.values()))[0].model
         flops = matmul_flops(model, batch)
         mm = matmul_seconds(model, batch, device)

@@ -16,8 +16,10 @@ intermediates are dropped at the end of each call.
 
 The compiled step traces the model's fused view (`fused`): the same layer objects and tensors,
 with the leading Embedding -> Flatten -> Linear run as one `layers.EmbeddingLinear`, which at
-large batches gathers from precomputed tables instead of multiplying the embeddings (its own
-gradient check is in tests/test_layers.py, and the trajectory tests cover both of its routes).
+large batches gathers from precomputed tables instead of multiplying the embeddings, and with a
+BatchNorm1d -> Tanh after them, as one `layers.EmbeddingLinearBatchNormTanh`, whose backward then
+scatters into the tables in one pass (their gradient checks are in tests/test_layers.py, and
+the trajectory tests cover both routes).
 
 Costs: compiling takes seconds to a minute, once per model shape,
 batch size and learning rate (each distinct rate is a constant of its graph,
@@ -49,10 +51,12 @@ def can_compile(optimizer) -> bool:
 
 
 def fused(model):
-    """The model with its leading Embedding -> Flatten -> Linear run as one `EmbeddingLinear` over the
-    same tensors (a view: the layers, parameters, gradient buffers and running statistics are the
-    model's own); the model itself where it does not start that way."""
-    from .layers import Embedding, EmbeddingLinear, Flatten, Linear, Sequential
+    """The model with its leading Embedding -> Flatten -> Linear run as one `EmbeddingLinear`, or with a
+    BatchNorm1d and Tanh after them as one `EmbeddingLinearBatchNormTanh`, over the same tensors (a
+    view: the layers, parameters, gradient buffers and running statistics are the model's own); the
+    model itself where it does not start that way."""
+    from .layers import (BatchNorm1d, Embedding, EmbeddingLinear, EmbeddingLinearBatchNormTanh, Flatten, Linear,
+                         Sequential, Tanh)
     from .model import Model
 
     layers = list(model.net.layers.items())
@@ -60,7 +64,14 @@ def fused(model):
     if len(layers) < 3 or not all(isinstance(layer, k) for (_, layer), k in zip(layers, kinds)):
         return model
     (emb_name, emb), _, (linear_name, linear) = layers[:3]
-    view = Model(model.config, Sequential([(f"{emb_name}+{linear_name}", EmbeddingLinear(emb, linear))] + layers[3:]))
+    # the stepwise BatchNorm keeps its named intermediates for the check: it runs on its own
+    if len(layers) >= 5 and type(layers[3][1]) is BatchNorm1d and type(layers[4][1]) is Tanh:
+        (bn_name, bn), (tanh_name, tanh) = layers[3:5]
+        first = [(f"{emb_name}+{linear_name}+{bn_name}+{tanh_name}", EmbeddingLinearBatchNormTanh(emb, linear, bn, tanh))]
+        rest = layers[5:]
+    else:
+        first, rest = [(f"{emb_name}+{linear_name}", EmbeddingLinear(emb, linear))], layers[3:]
+    view = Model(model.config, Sequential(first + rest))
     view.loss_fn = model.loss_fn
     return view.train(model.training)
 

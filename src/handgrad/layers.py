@@ -242,9 +242,79 @@ class EmbeddingLinear(Module):
         dtables = dout.new_zeros(T * V, H)
         for t in range(T):
             dtables.index_add_(0, rows[:, t], dout)
-        dtables = dtables.view(T, V, H)
+        self.table_backward(dtables.view(T, V, H))
+        return None
+
+    # P_t = C W_t:  dW_t = C^T dP_t,  dC = sum over t of dP_t W_t^T
+    def table_backward(self, dtables):
+        """The parameters' gradients from the tables' (T, V, H); the bias's is added by the caller."""
+        C, W = self.params["embedding"], self.params["weight"]
+        T, E, H = dtables.shape[0], C.shape[1], W.shape[1]
         self.grads["weight"].view(T, E, H).add_(torch.matmul(C.T, dtables))
         self.grads["embedding"].add_(torch.matmul(dtables, W.view(T, E, H).transpose(1, 2)).sum(0))
+
+
+class EmbeddingLinearBatchNormTanh(Module):
+    """Embedding -> Flatten -> Linear -> BatchNorm1d -> Tanh as one layer, over those layers' very
+    tensors (parameters, gradient buffers, running statistics): ids (B, T) -> (B, H).
+
+    The forward is the layers' own: `EmbeddingLinear`, then the BatchNorm's and the Tanh's. When
+    the first part takes its table route in training, the backward never forms the BatchNorm's
+    input gradient dx. Every row's dx[b] = gamma rstd (dy[b] - sum(dy)/N - xhat[b] sum(dy xhat)/N)
+    is one affine map of that row's dy[b] and xhat[b], so its scatter into table t is that map
+    applied to table t's sums of dy and of xhat and to its row counts. One pass over the batch
+    gathers those sums (the layers' backwards make five: the Tanh's, the BatchNorm's sums, dx, and
+    a scatter per position). Elsewhere the layers' backwards run in turn.
+    """
+
+    def __init__(self, embedding: "Embedding", linear: "Linear", batchnorm: "BatchNorm1d", tanh: "Tanh"):
+        super().__init__()
+        self.first, self.batchnorm, self.tanh = EmbeddingLinear(embedding, linear), batchnorm, tanh
+        self.params.update(self.first.params)
+        self.grads.update(self.first.grads)
+        for name in ("weight", "bias"):
+            self.params[f"batchnorm.{name}"] = batchnorm.params[name]
+            self.grads[f"batchnorm.{name}"] = batchnorm.grads[name]
+        self.buffers.update(batchnorm.buffers)
+        self.training = batchnorm.training
+
+    def train(self, mode: bool = True) -> "EmbeddingLinearBatchNormTanh":
+        for layer in (self, self.first, self.batchnorm, self.tanh):
+            layer.training = mode
+        return self
+
+    def clear_saved(self) -> None:
+        for layer in (self.first, self.batchnorm, self.tanh):
+            layer.clear_saved()
+
+    def forward(self, idx):
+        return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
+
+    # dy = dout (1 - h^2);  dP_t[v] = gamma rstd (A_t[v] - n_t[v] sum(dy)/N - X_t[v] sum(dy xhat)/N), with
+    # A_t[v], X_t[v], n_t[v] the sums of dy, of xhat and of 1 over the rows b where x[b,t] = v
+    def backward(self, dout):
+        if "rows" not in self.first.saved or not self.batchnorm.training:
+            return self.first.backward(self.batchnorm.backward(self.tanh.backward(dout)))
+        idx, h = self.first.saved["idx"], self.tanh.saved["out"]
+        xhat, rstd = self.batchnorm.saved["xhat"], self.batchnorm.saved["rstd"]
+        (N, T), V = idx.shape, self.params["embedding"].shape[0]
+        dy = torch.addcmul(dout, dout * h, h, value=-1)  # the Tanh's backward: the BatchNorm's dout
+
+        def per_table(t, src):  # sums of src's rows by the id at position t: (V,) + src's row shape
+            return src.new_zeros((V,) + src.shape[1:]).index_add_(0, idx[:, t], src)
+
+        dy_sums = [per_table(t, dy) for t in range(T)]
+        # over the whole batch: every row sits in exactly one of position 0's sums
+        dy_sum, dy_xhat_sum = dy_sums[0].sum(0), per_table(0, dy * xhat).sum(0)
+        torch._foreach_add_([self.grads["batchnorm.weight"], self.grads["batchnorm.bias"]], [dy_xhat_sum, dy_sum])
+        scale = self.params["batchnorm.weight"] * rstd
+        ones = dy.new_ones(N)
+        dtables = torch.stack([
+            scale * (dy_sums[t] - per_table(t, ones)[:, None] * (dy_sum / N) - per_table(t, xhat) * (dy_xhat_sum / N))
+            for t in range(T)])
+        if "bias" in self.grads:  # the Linear's bias: dx summed over the batch, which table 0's rows hold once each
+            self.grads["bias"].add_(dtables[0].sum(0))
+        self.first.table_backward(dtables)
         return None
 
 
