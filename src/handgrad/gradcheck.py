@@ -101,7 +101,7 @@ def autograd_reference(model, x, y) -> tuple[dict[str, torch.Tensor], list[torch
             for n, t in inter.items()
             if t.requires_grad
         }
-        param_grads = [p.grad.detach().clone() for p in params]
+        param_grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
     finally:
         for p in params:
             p.grad = None
@@ -194,7 +194,9 @@ def check_layer(layer: Module, x: torch.Tensor, dout: torch.Tensor | None = None
         with torch.enable_grad():
             (layer.forward(xr) * dout).sum().backward()
         ref_dx = xr.grad.clone() if floating else None
-        ref_params = {n: p.grad.clone() for n, p in params.items()}
+        # a parameter the output does not depend on (a Linear's bias under BatchNorm, folded into the
+        # mean it subtracts) gets no gradient from autograd: its gradient is zero
+        ref_params = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()}
     finally:
         for p in params.values():
             p.grad = None

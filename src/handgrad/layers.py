@@ -258,14 +258,18 @@ class EmbeddingLinearBatchNormTanh(Module):
     """Embedding -> Flatten -> Linear -> BatchNorm1d -> Tanh as one layer, over those layers' very
     tensors (parameters, gradient buffers, running statistics): ids (B, T) -> (B, H).
 
-    The forward is the layers' own: `EmbeddingLinear`, then the BatchNorm's and the Tanh's. When
-    the first part takes its table route in training, the backward never forms the BatchNorm's
-    input gradient dx. Every row's dx[b] = gamma rstd (dy[b] - sum(dy)/N - xhat[b] sum(dy xhat)/N)
-    is one affine map of that row's dy[b] and xhat[b], so its scatter into table t is that map
-    applied to table t's sums of dy and of xhat and to its row counts. One pass over the batch
-    gathers those sums (the layers' backwards make five: the Tanh's, the BatchNorm's sums, dx, and
-    a scatter per position). Elsewhere the layers' backwards run in turn.
+    In training, for batches several times the vocabulary V, everything between the ids and the
+    Tanh is computed on T small tables instead of B rows. With P_t = C W_t the Linear's output is
+    hpre[b] = sum_t P_t[x[b,t]] + bias, so the BatchNorm's batch statistics follow from how often
+    each id sits at each position (n_t[v]) and each pair of ids at each pair of positions
+    (n_tu[v,w]): the mean is sum_t n_t P_t / N, and with the centred tables Q_t the variance is
+    the mean of (sum_t Q_t[x[b,t]])^2, squares weighted by n_t and cross terms by n_tu. Then
+    xhat[b] = sum_t R_t[x[b,t]] with R_t = Q_t * rstd, one gather per row. The backward likewise
+    works on per-table sums: one pass over the batch sums dy = dout (1 - h^2) by the id at each
+    position, and the rest is table-sized. Elsewhere (eval, small batches) the layers run in turn.
     """
+
+    inspectable = ()
 
     def __init__(self, embedding: "Embedding", linear: "Linear", batchnorm: "BatchNorm1d", tanh: "Tanh"):
         super().__init__()
@@ -284,34 +288,59 @@ class EmbeddingLinearBatchNormTanh(Module):
         return self
 
     def clear_saved(self) -> None:
-        for layer in (self.first, self.batchnorm, self.tanh):
-            layer.clear_saved()
+        for layer in (self, self.first, self.batchnorm, self.tanh):
+            layer.saved.clear()
+            layer.saved_grads.clear()
+
+    @staticmethod
+    def position_pairs(T: int) -> list[tuple[int, int]]:
+        return [(t, u) for t in range(T) for u in range(t + 1, T)]
 
     def forward(self, idx):
-        return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
+        C, W, bias = self.params["embedding"], self.params["weight"], self.params.get("bias")
+        gamma, beta = self.params["batchnorm.weight"], self.params["batchnorm.bias"]
+        (V, E), (N, T), H = C.shape, idx.shape, W.shape[1]
+        if not self.batchnorm.training or N <= self.first.fold_above * V or W.shape[0] != T * E:
+            return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
+        tables = torch.matmul(C, W.view(T, E, H))  # (T, V, H): P_t = C W_t
+        ones = C.new_ones(N)
+        counts = torch.stack([C.new_zeros(V).index_add_(0, idx[:, t], ones) for t in range(T)])  # n_t[v]
+        pairs = [C.new_zeros(V * V).index_add_(0, idx[:, t] * V + idx[:, u], ones).view(V, V)  # n_tu[v, w]
+                 for t, u in self.position_pairs(T)]
+        m = torch.bmm(counts.unsqueeze(1), tables).squeeze(1) / N  # (T, H): position t's share of the mean
+        Q = tables - m.unsqueeze(1)  # hpre[b] - mean = sum_t Q_t[x[b,t]]
+        var = (counts.unsqueeze(-1) * Q * Q).sum((0, 1))  # N * mean of (sum_t Q_t[x[b,t]])^2: squares ...
+        for (t, u), n_tu in zip(self.position_pairs(T), pairs):
+            var = var + 2 * (Q[t] * (n_tu @ Q[u])).sum(0)  # ... and cross terms
+        var = var / N
+        self.batchnorm.update_running_stats(m.sum(0) if bias is None else m.sum(0) + bias, var)
+        rstd = (var + self.batchnorm.eps).rsqrt()
+        R = Q * rstd  # xhat[b] = sum_t R_t[x[b,t]]
+        rows = idx + torch.arange(0, T * V, V, device=idx.device)  # row of (t, x[b,t]) in the stacked tables
+        out = torch.nn.functional.embedding_bag(rows, (R * gamma).view(T * V, H), mode="sum").add_(beta)
+        self.saved.update(idx=idx, counts=counts, R=R, rstd=rstd)
+        self.saved.update({f"pairs{k}": n for k, n in enumerate(pairs)})
+        return self.tanh.forward(out)
 
-    # dy = dout (1 - h^2);  dP_t[v] = gamma rstd (A_t[v] - n_t[v] sum(dy)/N - X_t[v] sum(dy xhat)/N), with
-    # A_t[v], X_t[v], n_t[v] the sums of dy, of xhat and of 1 over the rows b where x[b,t] = v
+    # dy = dout (1 - h^2);  dP_t[v] = gamma rstd (A_t[v] - n_t[v] sum(dy)/N - X_t[v] sum(dy xhat)/N), with A_t[v]
+    # and X_t[v] the sums of dy and of xhat over the rows where x[b,t] = v:  X_t = n_t R_t + sum_u n_tu R_u
     def backward(self, dout):
-        if "rows" not in self.first.saved or not self.batchnorm.training:
+        if "R" not in self.saved:
             return self.first.backward(self.batchnorm.backward(self.tanh.backward(dout)))
-        idx, h = self.first.saved["idx"], self.tanh.saved["out"]
-        xhat, rstd = self.batchnorm.saved["xhat"], self.batchnorm.saved["rstd"]
-        (N, T), V = idx.shape, self.params["embedding"].shape[0]
+        s = self.saved
+        idx, counts, R, rstd, h = s["idx"], s["counts"], s["R"], s["rstd"], self.tanh.saved["out"]
+        (N, T), (_, V, H) = idx.shape, R.shape
         dy = torch.addcmul(dout, dout * h, h, value=-1)  # the Tanh's backward: the BatchNorm's dout
-
-        def per_table(t, src):  # sums of src's rows by the id at position t: (V,) + src's row shape
-            return src.new_zeros((V,) + src.shape[1:]).index_add_(0, idx[:, t], src)
-
-        dy_sums = [per_table(t, dy) for t in range(T)]
-        # over the whole batch: every row sits in exactly one of position 0's sums
-        dy_sum, dy_xhat_sum = dy_sums[0].sum(0), per_table(0, dy * xhat).sum(0)
+        A = torch.stack([dy.new_zeros(V, H).index_add_(0, idx[:, t], dy) for t in range(T)])  # the one pass
+        dy_sum = A[0].sum(0)  # every row sits in exactly one of position 0's sums
+        dy_xhat_sum = (A * R).sum((0, 1))  # sum_b dy[b] xhat[b] = sum_t sum_v A_t[v] R_t[v]
         torch._foreach_add_([self.grads["batchnorm.weight"], self.grads["batchnorm.bias"]], [dy_xhat_sum, dy_sum])
+        X = [counts[t].unsqueeze(-1) * R[t] for t in range(T)]
+        for k, (t, u) in enumerate(self.position_pairs(T)):
+            X[t] = X[t] + s[f"pairs{k}"] @ R[u]
+            X[u] = X[u] + s[f"pairs{k}"].T @ R[t]
         scale = self.params["batchnorm.weight"] * rstd
-        ones = dy.new_ones(N)
-        dtables = torch.stack([
-            scale * (dy_sums[t] - per_table(t, ones)[:, None] * (dy_sum / N) - per_table(t, xhat) * (dy_xhat_sum / N))
-            for t in range(T)])
+        dtables = scale * (A - counts.unsqueeze(-1) * (dy_sum / N) - torch.stack(X) * (dy_xhat_sum / N))
         if "bias" in self.grads:  # the Linear's bias: dx summed over the batch, which table 0's rows hold once each
             self.grads["bias"].add_(dtables[0].sum(0))
         self.first.table_backward(dtables)
