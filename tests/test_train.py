@@ -134,3 +134,19 @@ def test_gc_frozen_is_undone_on_the_way_out():
     except KeyboardInterrupt:
         pass
     assert gc.get_freeze_count() == 0
+
+
+def test_compiled_run_checks_its_own_layers_and_tracks_the_eager_run(tmp_path, capsys):
+    """At batch 128 (over 4x the vocabulary) the compiled step runs the fused table layer: the check
+    before training covers it, and the run's losses follow the eager run's."""
+    common = dict(steps=8, batch_size=128, eval_every=4, log_every=1, num_samples=0, threads=1, n_hidden=24)
+    train(TrainConfig(out=str(tmp_path / "e"), impl="eager", **common))
+    capsys.readouterr()
+    train(TrainConfig(out=str(tmp_path / "c"), impl="compiled", **common))
+    text = capsys.readouterr().out
+    assert "gradient check of the compiled step's layers (embedding+linear1+batchnorm1+tanh1, linear2)" in text
+    e, c = read_metrics(tmp_path / "e" / "metrics.jsonl"), read_metrics(tmp_path / "c" / "metrics.jsonl")
+    assert [r["step"] for r in e] == [r["step"] for r in c] == list(range(8))
+    for re_, rc in zip(e, c):
+        assert abs(re_["train_loss"] - rc["train_loss"]) <= 1e-5, re_["step"]
+        assert abs(re_.get("val_loss", 0) - rc.get("val_loss", 0)) <= 1e-5, re_["step"]

@@ -273,6 +273,16 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
             print(format_table(results), file=sys.stderr)
             raise HandgradError("gradient check failed before training: the manual backward disagrees with autograd")
         print(f"gradient check: {len(results)} tensors match autograd (max abs diff {worst:.1e}); the optimizer reads these buffers")
+        if impl == "compiled":  # the compiled step runs the fused view's layers: check those too, at this batch size
+            view = fastpath.fused(model)
+            results = check_model(view, X["train"][idx], Y["train"][idx], grads=optimizer.grads)
+            if not passed(results):
+                print(format_table(results), file=sys.stderr)
+                raise HandgradError("gradient check failed before training: the compiled step's fused layers disagree "
+                                    "with autograd (--impl eager avoids them)")
+            worst = max(r.max_abs_diff for r in results)
+            print(f"gradient check of the compiled step's layers ({', '.join(view.net.layers)}): "
+                  f"{len(results)} tensors match autograd (max abs diff {worst:.1e})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_temporaries(out_dir)
