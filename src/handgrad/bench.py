@@ -73,6 +73,11 @@ class Runner:
     def draw(self, *shape) -> torch.Tensor:
         return torch.randint(0, len(self.Y), shape, generator=self.gen, device=self.device)
 
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch drawn as `handgrad train` draws it (the same for every eager implementation)."""
+        idx = self.draw(self.batch_size)
+        return self.X.index_select(0, idx), self.Y.index_select(0, idx)
+
     def run(self, n: int) -> None:
         raise NotImplementedError
 
@@ -84,8 +89,7 @@ class ManualRunner(Runner):
 
     def run(self, n):
         for _ in range(n):
-            idx = self.draw(self.batch_size)
-            manual_step(self.model, self.X[idx], self.Y[idx])
+            manual_step(self.model, *self.batch())
             self.optimizer.step(LR)
 
 
@@ -139,8 +143,7 @@ class AutogradRunner(Runner):
 
     def run(self, n):
         for _ in range(n):
-            idx = self.draw(self.batch_size)
-            loss = self.loss_fn(self.X[idx], self.Y[idx])
+            loss = self.loss_fn(*self.batch())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.update()

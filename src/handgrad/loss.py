@@ -22,8 +22,8 @@ class CrossEntropy(Module):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
         n = targets.shape[0]
         scale = dloss / n
-        dlogits = logprobs.exp().mul_(scale)
-        return dlogits.scatter_add_(1, targets.view(-1, 1), logprobs.new_full((n, 1), -scale))
+        # the target's column gets -scale added: a scalar scatter, no tensor of -scale built for it
+        return logprobs.exp().mul_(scale).scatter_(1, targets.view(-1, 1), -scale, reduce="add")
 
 
 class CrossEntropyStepwise(CrossEntropy):
