@@ -2,8 +2,8 @@
 as a CUDA graph (GPU).
 
 `CompiledStep` traces the model's own layers (their `forward` and `backward`,
-the very methods the eager path runs) and the optimizer's own `step`, with
-`torch.compile`, and runs `steps_per_call` consecutive steps per call: batch
+the very methods the eager path runs) and the optimizer's own `update` (its
+`step` without the step count, which the caller keeps), with `torch.compile`, and runs `steps_per_call` consecutive steps per call: batch
 gather, zero_grad, forward, backward, update. Nothing is re-derived here: there
 is no second copy of the math, so the gradient check of the layers covers this
 path, and tests run it side by side with the eager path (losses, weights,
@@ -86,7 +86,7 @@ def run_steps(model, optimizer, steps: int, X, Y, idx, lr) -> torch.Tensor:
         losses.append(model.forward(x, y))
         model.backward()
         if optimizer is not None:
-            optimizer.step(lr)
+            optimizer.update(lr)  # the caller counts the steps
     model.clear_saved()
     return torch.stack(losses)
 
@@ -144,12 +144,15 @@ class CompiledStep:
             # this exact call has compiled before: check only the guards that tell compiled
             # versions apart (the learning rate), not every attribute the trace read
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True), torch.no_grad():
-                return self._compiled(X, Y, idx, lr)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            losses = self._compiled(X, Y, idx, lr)
-        self._seen.add(key)
-        self.compile_seconds += time.perf_counter() - t0
+                losses = self._compiled(X, Y, idx, lr)
+        else:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                losses = self._compiled(X, Y, idx, lr)
+            self._seen.add(key)
+            self.compile_seconds += time.perf_counter() - t0
+        if self.optimizer is not None:  # counted here, outside the graph
+            self.optimizer.step_count += self.steps_per_call
         return losses
 
 
@@ -185,7 +188,6 @@ class CudaGraphStep:
         t0 = time.perf_counter()
         state = self._state()
         saved = [t.clone() for t in state]
-        count = None if self.optimizer is None else self.optimizer.step_count.clone()
         static = [torch.empty_like(t) for t in ((X, Y) if idx is None else (idx,))]
         for buf, t in zip(static, (X, Y) if idx is None else (idx,)):
             buf.copy_(t)
@@ -202,8 +204,6 @@ class CudaGraphStep:
         with torch.no_grad():
             for t, s in zip(state, saved):
                 t.copy_(s)
-            if count is not None:
-                self.optimizer.step_count.copy_(count)
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - t0
         return graph, static, losses
@@ -221,7 +221,7 @@ class CudaGraphStep:
         for buf, t in zip(static, (X, Y) if idx is None else (idx,)):
             buf.copy_(t)
         graph.replay()
-        if self.optimizer is not None:  # the step count is a CPU tensor, outside the graph
+        if self.optimizer is not None:  # the step count is a Python number, outside the graph
             self.optimizer.step_count += self.steps_per_call
         return losses
 

@@ -31,11 +31,11 @@ class Optimizer:
             if p.shape != g.shape:
                 raise ValueError(f"a gradient buffer of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
         self.params, self.grads, self.lr = params, grads, lr
-        self.step_count = torch.zeros((), dtype=torch.int64)
+        self.step_count = 0  # a Python number: counting costs no tensor op (the checkpoint stores it as a tensor)
         self.state: dict[str, list[torch.Tensor]] = {n: [torch.zeros_like(p) for p in params] for n in self.state_names}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"step": self.step_count.clone()}
+        out = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
         for name, tensors in self.state.items():
             for i, t in enumerate(tensors):
                 out[f"{i}.{name}"] = t.clone()
@@ -53,7 +53,7 @@ class Optimizer:
         for key, t in own.items():
             if tuple(state[key].shape) != tuple(t.shape):
                 raise HandgradError(f"optimizer state {key} has shape {tuple(state[key].shape)}, expected {tuple(t.shape)}")
-        self.step_count.copy_(state["step"])
+        self.step_count = int(state["step"])
         for name, tensors in self.state.items():
             for i, t in enumerate(tensors):
                 t.copy_(state[f"{i}.{name}"])
@@ -86,13 +86,16 @@ class SGD(Optimizer):
         lr = self.lr if lr is None else lr
         if any(p.requires_grad for p in self.params):  # the update is not part of any graph
             with torch.no_grad():
-                return self._update(lr)
-        return self._update(lr)  # plain tensors record nothing: no context to enter (microseconds a step)
+                self.update(lr)
+        else:
+            self.update(lr)  # plain tensors record nothing: no context to enter (microseconds a step)
+        self.step_count += 1
 
-    def _update(self, lr: float) -> None:
+    def update(self, lr: float) -> None:
+        """The update of `step`, without counting the step: what the fast paths record in their graphs
+        (a Python counter changed inside one would be a new constant each call); they count the steps."""
         if not self.momentum and not any(self.weight_decay):  # plain SGD: one call updates every parameter
             torch._foreach_add_(self.params, self.grads, alpha=-lr)
-            self.step_count += 1
             return
         for i, (p, g, wd) in enumerate(zip(self.params, self.grads, self.weight_decay)):
             if wd:
@@ -102,7 +105,6 @@ class SGD(Optimizer):
                 v.mul_(self.momentum).add_(g)  # v starts at zero, so the first step sets v = g exactly
                 g = v
             p.add_(g, alpha=-lr)
-        self.step_count += 1
 
 
 class AdamW(Optimizer):
@@ -128,7 +130,7 @@ class AdamW(Optimizer):
     def step(self, lr: float | None = None) -> None:
         lr = self.lr if lr is None else lr
         self.step_count += 1
-        t = int(self.step_count)
+        t = self.step_count
         b1, b2 = self.betas
         step_size = lr / (1 - b1**t)
         rsqrt_bc2 = 1 / math.sqrt(1 - b2**t)
