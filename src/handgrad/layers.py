@@ -312,7 +312,7 @@ class EmbeddingLinearBatchNormTanh(Module):
         var = (counts.unsqueeze(-1) * Q * Q).sum((0, 1))  # N * mean of (sum_t Q_t[x[b,t]])^2: squares ...
         for (t, u), n_tu in zip(self.position_pairs(T), pairs):
             var = var + 2 * (Q[t] * (n_tu @ Q[u])).sum(0)  # ... and cross terms
-        var = var / N
+        var = (var / N).clamp_(min=0)  # a sum of squares: rounding must not take it below zero
         self.batchnorm.update_running_stats(m.sum(0) if bias is None else m.sum(0) + bias, var)
         rstd = (var + self.batchnorm.eps).rsqrt()
         R = Q * rstd  # xhat[b] = sum_t R_t[x[b,t]]
