@@ -262,7 +262,7 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
         return "eager", "auto: --diagnostics reads the eager path's saved activations"
     if device == "cuda":  # the recorded step is opt-in until its speed on a GPU has been measured
         return "eager", "auto: eager on a GPU (--impl cudagraph records the step as a CUDA graph)"
-    if threads > 1:  # measured at batch 8192 on 2 cores: eager 11.3 ms a step, compiled 17.5 (14.6 on one thread)
+    if threads > 1:  # measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread)
         return "eager", f"auto: with {threads} threads the eager step's library kernels beat the compiled ones"
     if worth_compiling(steps, batch_size):
         return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{COMPILE_SECONDS:.0f}s compile"
