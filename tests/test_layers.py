@@ -187,6 +187,29 @@ def test_embedding_linear_batchnorm_tanh(batch, vocab, context, bias, training):
     assert ("R" in fused.saved) == (training and batch > fused.first.fold_above * vocab)
 
 
+def test_embedding_linear_batchnorm_tanh_backward_follows_the_last_forward():
+    """A training forward on the tables' route, then an eval forward: the backward is eval's chain."""
+    torch.manual_seed(9)
+    emb, linear, bn, tanh = f64(Embedding(7, 3)), f64(Linear(12, 6)), f64(BatchNorm1d(6)), Tanh()
+    fused = EmbeddingLinearBatchNormTanh(emb, linear, bn, tanh)
+    idx = torch.randint(0, 7, (40, 4), generator=torch.Generator().manual_seed(7))
+    d = randn(40, 6, seed=8)
+    net = Sequential([("embedding", emb), ("flatten", Flatten()), ("linear", linear), ("bn", bn), ("tanh", tanh)])
+    with torch.no_grad():
+        fused.train().forward(idx)
+        assert "R" in fused.saved
+        net.eval().zero_grad()
+        net.forward(idx)
+        net.backward(d)
+        expected = [g.clone() for g in net.grad_list]
+        net.zero_grad()
+        fused.eval().forward(idx)
+        assert "R" not in fused.saved
+        fused.backward(d)
+    for g, e in zip(net.grad_list, expected):
+        torch.testing.assert_close(g, e)
+
+
 def test_embedding_linear_batchnorm_tanh_check_catches_an_error_in_the_tables():
     """The tables' gradient off by a thousandth of its first vocabulary row: the check fails."""
     torch.manual_seed(9)

@@ -134,6 +134,14 @@ def test_gc_frozen_is_undone_on_the_way_out():
     except KeyboardInterrupt:
         pass
     assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left as it was
+    try:
+        before = gc.get_freeze_count()
+        with gc_frozen():
+            pass
+        assert gc.get_freeze_count() >= before > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_compiled_run_checks_its_own_layers_and_tracks_the_eager_run(tmp_path, capsys):

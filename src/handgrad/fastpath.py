@@ -3,8 +3,9 @@ as a CUDA graph (GPU).
 
 `CompiledStep` traces the model's own layers (their `forward` and `backward`,
 the very methods the eager path runs) and the optimizer's own `update` (its
-`step` without the step count, which the caller keeps), with `torch.compile`, and runs `steps_per_call` consecutive steps per call: batch
-gather, zero_grad, forward, backward, update. Nothing is re-derived here: there
+`step` without the step count, which the caller keeps), with `torch.compile`,
+and runs `steps_per_call` consecutive steps per call: batch gather, zero_grad,
+forward, backward, update. Nothing is re-derived here: there
 is no second copy of the math, so the gradient check of the layers covers this
 path, and tests run it side by side with the eager path (losses, weights,
 running statistics).
@@ -16,10 +17,11 @@ intermediates are dropped at the end of each call.
 
 The compiled step traces the model's fused view (`fused`): the same layer objects and tensors,
 with the leading Embedding -> Flatten -> Linear run as one `layers.EmbeddingLinear`, which at
-large batches gathers from precomputed tables instead of multiplying the embeddings, and with a
-BatchNorm1d -> Tanh after them, as one `layers.EmbeddingLinearBatchNormTanh`, whose backward then
-scatters into the tables in one pass (their gradient checks are in tests/test_layers.py, and
-the trajectory tests cover both routes).
+large batches gathers from precomputed tables instead of multiplying the embeddings, or, with a
+BatchNorm1d -> Tanh after them, as one `layers.EmbeddingLinearBatchNormTanh`, which at large
+batches also takes BatchNorm's statistics from those tables and sums the backward into them in
+one pass (their gradient checks are in tests/test_layers.py, and the trajectory tests cover both
+routes).
 
 Costs: compiling takes seconds to a minute, once per model shape,
 batch size and learning rate (each distinct rate is a constant of its graph,

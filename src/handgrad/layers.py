@@ -269,8 +269,6 @@ class EmbeddingLinearBatchNormTanh(Module):
     position, and the rest is table-sized. Elsewhere (eval, small batches) the layers run in turn.
     """
 
-    inspectable = ()
-
     def __init__(self, embedding: "Embedding", linear: "Linear", batchnorm: "BatchNorm1d", tanh: "Tanh"):
         super().__init__()
         self.first, self.batchnorm, self.tanh = EmbeddingLinear(embedding, linear), batchnorm, tanh
@@ -300,6 +298,7 @@ class EmbeddingLinearBatchNormTanh(Module):
         C, W, bias = self.params["embedding"], self.params["weight"], self.params.get("bias")
         gamma, beta = self.params["batchnorm.weight"], self.params["batchnorm.bias"]
         (V, E), (N, T), H = C.shape, idx.shape, W.shape[1]
+        self.saved.clear()  # the backward takes the route of the last forward
         if not self.batchnorm.training or N <= self.first.fold_above * V or W.shape[0] != T * E:
             return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
         tables = torch.matmul(C, W.view(T, E, H))  # (T, V, H): P_t = C W_t

@@ -153,12 +153,15 @@ def autograd_step(model, x, y) -> torch.Tensor:
 def gc_frozen():
     """Leave what exists now (torch's modules, the model, the data) out of the garbage collector's
     full passes, which otherwise rescan those hundreds of thousands of objects every few thousand
-    small-batch steps: about 5% of a seed run's time. Undone on the way out."""
+    small-batch steps: about 5% of a seed run's time. Undone on the way out, unless the caller had
+    frozen objects already."""
+    ours = gc.get_freeze_count() == 0
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 def manual_step(model, x, y) -> torch.Tensor:
