@@ -229,17 +229,20 @@ class CudaGraphStep:
 
 
 # Choosing a path for `handgrad train --impl auto`: compile when the run is long enough that the
-# time saved exceeds the compile time. Measured with `handgrad bench` on one CPU core: compiling
-# takes about COMPILE_SECONDS (14.6 s at batch 32 with an empty compile cache), and a compiled
-# step saves about SAVED_PER_STEP + SAVED_PER_EXAMPLE * batch seconds over the eager one (the line
-# through 73.7 us saved at batch 32 and 9.2 ms at batch 8192).
+# time saved exceeds the compile time. Compiling takes about COMPILE_SECONDS (14.6-15.0 s with an
+# empty compile cache, at batch 32 and 8192). What a compiled step saves was measured in the
+# training loop itself (steady steps/s, one CPU core, eager against compiled): nothing at batch 32
+# (3,808 / 3,794 and 3,658 / 3,765 steps/s) or 128 (2,208 / 2,250), 0.26 ms a step at 512 (838 /
+# 1,072), 8.6 ms at 8192 (57 / 111): about SAVED_PER_EXAMPLE seconds per example beyond
+# BREAK_EVEN_BATCH. (The loop runs the compiled forward and backward one step per call, the update
+# outside; the bench's compiled step, update inside, gains more at small batches.)
 COMPILE_SECONDS = 15.0
-SAVED_PER_STEP = 4e-5
 SAVED_PER_EXAMPLE = 1.1e-6
+BREAK_EVEN_BATCH = 270
 
 
 def worth_compiling(steps: int, batch_size: int) -> bool:
-    return steps * (SAVED_PER_STEP + SAVED_PER_EXAMPLE * batch_size) > COMPILE_SECONDS
+    return steps * SAVED_PER_EXAMPLE * max(batch_size - BREAK_EVEN_BATCH, 0) > COMPILE_SECONDS
 
 
 def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: bool = False,
