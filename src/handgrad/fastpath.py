@@ -231,14 +231,15 @@ class CudaGraphStep:
 # Choosing a path for `handgrad train --impl auto`: compile when the run is long enough that the
 # time saved exceeds the compile time. Compiling takes about COMPILE_SECONDS (14.6-15.0 s with an
 # empty compile cache, at batch 32 and 8192). What a compiled step saves was measured in the
-# training loop itself (steady steps/s, one CPU core, eager against compiled): nothing at batch 32
-# (3,808 / 3,794 and 3,658 / 3,765 steps/s) or 128 (2,208 / 2,250), 0.26 ms a step at 512 (838 /
-# 1,072), 8.6 ms at 8192 (57 / 111): about SAVED_PER_EXAMPLE seconds per example beyond
+# training loop itself (steady steps/s, one CPU core, eager / compiled, names.txt): nothing at
+# batch 32 (3,482 / 3,266 over 200,000 steps; 3,808 / 3,794 and 3,658 / 3,765 over 30,000) or 128
+# (2,208 / 2,250), 0.08-0.25 ms a step at 256 (1,413 / 1,584, 1,179 / 1,676), 0.37 ms at 512 (808 /
+# 1,189, 781 / 1,105), 8.6 ms at 8192 (57 / 111): about SAVED_PER_EXAMPLE seconds per example beyond
 # BREAK_EVEN_BATCH. (The loop runs the compiled forward and backward one step per call, the update
 # outside; the bench's compiled step, update inside, gains more at small batches.)
 COMPILE_SECONDS = 15.0
-SAVED_PER_EXAMPLE = 1.1e-6
-BREAK_EVEN_BATCH = 270
+SAVED_PER_EXAMPLE = 1.05e-6
+BREAK_EVEN_BATCH = 100
 
 
 def worth_compiling(steps: int, batch_size: int) -> bool:
