@@ -272,6 +272,8 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
         return "eager", f"auto: with {threads} threads the eager step's library kernels beat the compiled ones"
     if worth_compiling(steps, batch_size):
         return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{COMPILE_SECONDS:.0f}s compile"
+    if batch_size <= BREAK_EVEN_BATCH:
+        return "eager", f"auto: at batch {batch_size} a compiled step is no faster in the training loop"
     return "eager", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile"
 
 
