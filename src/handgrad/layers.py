@@ -220,11 +220,20 @@ class EmbeddingLinear(Module):
             emb = torch.embedding(C, idx).view(B, T * E)
             self.saved["emb"] = emb
             return torch.mm(emb, W) if b is None else torch.addmm(b, emb, W)
-        tables = torch.matmul(C, W.view(T, E, H))  # (T, V, H): P_t = C W_t
-        rows = idx + torch.arange(0, T * V, V, device=idx.device)  # row of (t, x[b,t]) in the stacked tables
+        rows = self.stacked_rows(idx, V)
         self.saved["rows"] = rows
-        out = torch.nn.functional.embedding_bag(rows, tables.view(T * V, H), mode="sum")  # sum_t P_t[x[b,t]]
+        out = torch.nn.functional.embedding_bag(rows, self.tables(T).view(T * V, H), mode="sum")  # sum_t P_t[x[b,t]]
         return out if b is None else out.add_(b)
+
+    def tables(self, T: int):
+        """(T, V, H): P_t = C W_t, what position t's id contributes to the output."""
+        C, W = self.params["embedding"], self.params["weight"]
+        return torch.matmul(C, W.view(T, C.shape[1], W.shape[1]))
+
+    @staticmethod
+    def stacked_rows(idx, V: int):
+        """The row of (t, x[b,t]) in the T tables stacked as one (T * V, H) matrix."""
+        return idx + torch.arange(0, idx.shape[1] * V, V, device=idx.device)
 
     # out[b] = sum_t P_t[x[b,t]], P_t = C W_t:  dP_t[v] = sum of dout[b] over x[b,t] = v;  dW_t = C^T dP_t;  dC = sum_t dP_t W_t^T
     def backward(self, dout):
@@ -301,7 +310,7 @@ class EmbeddingLinearBatchNormTanh(Module):
         self.saved.clear()  # the backward takes the route of the last forward
         if not self.batchnorm.training or N <= self.first.fold_above * V or W.shape[0] != T * E:
             return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
-        tables = torch.matmul(C, W.view(T, E, H))  # (T, V, H): P_t = C W_t
+        tables = self.first.tables(T)
         ones = C.new_ones(N)
         counts = torch.stack([C.new_zeros(V).index_add_(0, idx[:, t], ones) for t in range(T)])  # n_t[v]
         pairs = [C.new_zeros(V * V).index_add_(0, idx[:, t] * V + idx[:, u], ones).view(V, V)  # n_tu[v, w]
@@ -315,7 +324,7 @@ class EmbeddingLinearBatchNormTanh(Module):
         self.batchnorm.update_running_stats(m.sum(0) if bias is None else m.sum(0) + bias, var)
         rstd = (var + self.batchnorm.eps).rsqrt()
         R = Q * rstd  # xhat[b] = sum_t R_t[x[b,t]]
-        rows = idx + torch.arange(0, T * V, V, device=idx.device)  # row of (t, x[b,t]) in the stacked tables
+        rows = self.first.stacked_rows(idx, V)
         out = torch.nn.functional.embedding_bag(rows, (R * gamma).view(T * V, H), mode="sum").add_(beta)
         self.saved.update(idx=idx, counts=counts, R=R, rstd=rstd)
         self.saved.update({f"pairs{k}": n for k, n in enumerate(pairs)})
@@ -327,9 +336,9 @@ class EmbeddingLinearBatchNormTanh(Module):
         if "R" not in self.saved:
             return self.first.backward(self.batchnorm.backward(self.tanh.backward(dout)))
         s = self.saved
-        idx, counts, R, rstd, h = s["idx"], s["counts"], s["R"], s["rstd"], self.tanh.saved["out"]
+        idx, counts, R, rstd = s["idx"], s["counts"], s["R"], s["rstd"]
         (N, T), (_, V, H) = idx.shape, R.shape
-        dy = torch.addcmul(dout, dout * h, h, value=-1)  # the Tanh's backward: the BatchNorm's dout
+        dy = self.tanh.backward(dout)  # the BatchNorm's dout
         A = torch.stack([dy.new_zeros(V, H).index_add_(0, idx[:, t], dy) for t in range(T)])  # the one pass
         dy_sum = A[0].sum(0)  # every row sits in exactly one of position 0's sums
         dy_xhat_sum = (A * R).sum((0, 1))  # sum_b dy[b] xhat[b] = sum_t sum_v A_t[v] R_t[v]

@@ -270,22 +270,23 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     if cfg.check:
         gen = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randint(0, sizes["train"], (min(cfg.batch_size, sizes["train"]),), generator=gen).to(device)
-        results = check_model(model, X["train"][idx], Y["train"][idx], grads=optimizer.grads)
-        worst = max(r.max_abs_diff for r in results)
-        if not passed(results):
-            print(format_table(results), file=sys.stderr)
-            raise HandgradError("gradient check failed before training: the manual backward disagrees with autograd")
-        print(f"gradient check: {len(results)} tensors match autograd (max abs diff {worst:.1e}); the optimizer reads these buffers")
-        if impl == "compiled":  # the compiled step runs the fused view's layers: check those too, at this batch size
-            view = fastpath.fused(model)
-            results = check_model(view, X["train"][idx], Y["train"][idx], grads=optimizer.grads)
+        x, y = X["train"][idx], Y["train"][idx]
+
+        def check_before_training(net, failure: str) -> str:
+            """Check `net` on the batch into the optimizer's buffers; stop on a mismatch, else the summary."""
+            results = check_model(net, x, y, grads=optimizer.grads)
             if not passed(results):
                 print(format_table(results), file=sys.stderr)
-                raise HandgradError("gradient check failed before training: the compiled step's fused layers disagree "
-                                    "with autograd (--impl eager avoids them)")
-            worst = max(r.max_abs_diff for r in results)
-            print(f"gradient check of the compiled step's layers ({', '.join(view.net.layers)}): "
-                  f"{len(results)} tensors match autograd (max abs diff {worst:.1e})")
+                raise HandgradError(f"gradient check failed before training: {failure}")
+            return f"{len(results)} tensors match autograd (max abs diff {max(r.max_abs_diff for r in results):.1e})"
+
+        summary = check_before_training(model, "the manual backward disagrees with autograd")
+        print(f"gradient check: {summary}; the optimizer reads these buffers")
+        if impl == "compiled":  # the compiled step runs the fused view's layers: check those too, at this batch size
+            view = fastpath.fused(model)
+            summary = check_before_training(view, "the compiled step's fused layers disagree with autograd "
+                                                  "(--impl eager avoids them)")
+            print(f"gradient check of the compiled step's layers ({', '.join(view.net.layers)}): {summary}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_temporaries(out_dir)
