@@ -7,9 +7,9 @@ import stat
 
 import pytest
 import torch
-from cli_run import QUICK, assert_one_line_error, run_cli, snapshot
+from cli_run import assert_one_line_error, run_cli, snapshot
 
-from handgrad import checkpoint, cli
+from handgrad import checkpoint
 
 
 class Payload:
@@ -39,13 +39,6 @@ def test_the_payload_really_runs_code_when_unpickled(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle_bytes("protocol-4", marker, tmp_path))
     assert marker.is_dir()
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("saved") / "run"
-    assert cli.main(["train", "-o", str(out), "--steps", "20", *QUICK]) == 0
-    return out
 
 
 @pytest.mark.parametrize("kind", ["protocol-0", "protocol-4", "torch-save"])

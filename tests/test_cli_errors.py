@@ -7,17 +7,10 @@ import pytest
 from cli_run import QUICK, assert_one_line_error, run_cli, snapshot
 from safetensors.torch import save as st_save
 
-from handgrad import checkpoint, cli
+from handgrad import checkpoint
 
 ARGPARSE = 2  # a bad flag
 REFUSED = 1  # a bad file, folder or combination
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("saved") / "run"
-    assert cli.main(["train", "-o", str(out), "--steps", "20", "--save-every", "10", *QUICK]) == 0
-    return out
 
 
 @pytest.fixture

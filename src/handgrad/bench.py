@@ -43,12 +43,13 @@ from .train import gc_frozen, manual_step
 
 BATCH_SIZES = (32, 8192)
 LR = 0.1  # small enough that thousands of timed steps stay finite
+LARGE_BATCH = 1024  # from here a step is mostly arithmetic: the table shows GFLOP/s, and several steps per call do not pay
 
 
 def default_impls(batch_size: int | None = None, device: str = "cpu") -> list[str]:
     """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
     CUDA graphs only exist on a GPU."""
-    small = batch_size is None or batch_size < 1024
+    small = batch_size is None or batch_size < LARGE_BATCH
     impls = ["autograd", "autograd-compiled", "manual", "manual-compiled"]
     if device == "cuda":
         return impls + ["manual-cudagraph"] + (["manual-cudagraph-x32"] if small else [])
@@ -249,12 +250,11 @@ def machine_info(device: torch.device) -> dict:
 
 def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     from .data import make_dataset
-    from .train import resolve_device
+    from .train import require_threads, resolve_device
 
-    if cfg.threads < 1:
-        raise HandgradError(f"--threads must be at least 1, got {cfg.threads}")
+    threads = require_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     ds = make_dataset(cfg.data, block_size=3)
     X, Y = ds.X["train"].to(device), ds.Y["train"].to(device)
     mc = ModelConfig(vocab_size=len(ds.vocab))
@@ -321,13 +321,13 @@ def format_table(report: dict) -> str:
         b = x["batch_size"]
         ratio = f"{x['vs_autograd']:.2f}x" if x.get("vs_autograd") else "-"
         ratio_med = f"{x['vs_autograd_median']:.2f}x" if x.get("vs_autograd_median") else "-"
-        big = b >= 1024
+        big = b >= LARGE_BATCH
         gf = f"{x['gflop_per_s']:.1f}" if big else ""
         of = f"{x['gflop_per_s'] / mm[b]['gflop_per_s']:.0%}" if big else ""
         lines.append(f"{b:>6}  {x['impl']:<20} {x['steps_per_s']:>10,.1f} {x['median_steps_per_s']:>10,.1f} "
                      f"{ratio:>11} {ratio_med:>8} {gf:>8} {of:>9}")
     for b, x in mm.items():
-        if b >= 1024:
+        if b >= LARGE_BATCH:
             lines.append(f"{b:>6}  {'(matmuls alone)':<20} {1 / x['seconds']:>10,.1f} {'':>10} {'':>11} {'':>8} "
                          f"{x['gflop_per_s']:>8.1f} {'100%':>9}")
     lines.append("steps/s: the best of the timed rounds (others share this machine; the median is beside it)")

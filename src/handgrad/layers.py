@@ -198,7 +198,7 @@ class EmbeddingLinear(Module):
     computes the table P_t = C W_t (T tables of V x H): the forward's B x (T*E) x H matmul
     becomes a gather-and-sum of B*T table rows, and the backward's two B-sized matmuls a
     scatter-add into the tables and two V-sized matmuls. Smaller batches take the layers' own
-    route (gather, matmul).
+    route: the Embedding's and the Linear's forward and backward, run in turn.
     """
 
     fold_above = 4  # batches over this many times the vocabulary take the table route (compiled, one CPU core:
@@ -206,20 +206,24 @@ class EmbeddingLinear(Module):
 
     def __init__(self, embedding: "Embedding", linear: "Linear"):
         super().__init__()
+        self.embedding, self.linear = embedding, linear
         for name, layer, key in (("embedding", embedding, "weight"), ("weight", linear, "weight"), ("bias", linear, "bias")):
             if key in layer.params:
                 self.params[name], self.grads[name] = layer.params[key], layer.grads[key]
+
+    def clear_saved(self) -> None:
+        super().clear_saved()
+        self.embedding.clear_saved()
+        self.linear.clear_saved()
 
     def forward(self, idx):
         C, W, b = self.params["embedding"], self.params["weight"], self.params.get("bias")
         (V, E), (B, T), H = C.shape, idx.shape, W.shape[1]
         if W.shape[0] != T * E:
             raise ValueError(f"EmbeddingLinear: {T} positions of {E} channels do not match a weight of {W.shape[0]} rows")
-        self.saved["idx"] = idx
-        if B <= self.fold_above * V:  # the layers' own route
-            emb = torch.embedding(C, idx).view(B, T * E)
-            self.saved["emb"] = emb
-            return torch.mm(emb, W) if b is None else torch.addmm(b, emb, W)
+        self.saved.clear()  # the backward takes the route of the last forward
+        if B <= self.fold_above * V:  # the layers' own route (the view is the Flatten between them)
+            return self.linear.forward(self.embedding.forward(idx).view(B, T * E))
         rows = self.stacked_rows(idx, V)
         self.saved["rows"] = rows
         out = torch.nn.functional.embedding_bag(rows, self.tables(T).view(T * V, H), mode="sum")  # sum_t P_t[x[b,t]]
@@ -240,13 +244,10 @@ class EmbeddingLinear(Module):
         C, W = self.params["embedding"], self.params["weight"]
         (V, E), H = C.shape, W.shape[1]
         T = W.shape[0] // E
+        if "rows" not in self.saved:  # the layers' own route: the Linear's, then the Embedding's backward
+            return self.embedding.backward(self.linear.backward(dout).view(dout.shape[0], T, E))
         if "bias" in self.grads:
             self.grads["bias"].add_(dout.sum(0))
-        if "emb" in self.saved:  # the layers' own route: Linear's, then Embedding's backward
-            self.grads["weight"].addmm_(self.saved["emb"].T, dout)
-            demb = torch.mm(dout, W.T)
-            self.grads["embedding"].index_add_(0, self.saved["idx"].reshape(-1), demb.view(-1, E))
-            return None
         rows = self.saved["rows"]
         dtables = dout.new_zeros(T * V, H)
         for t in range(T):
@@ -295,9 +296,9 @@ class EmbeddingLinearBatchNormTanh(Module):
         return self
 
     def clear_saved(self) -> None:
-        for layer in (self, self.first, self.batchnorm, self.tanh):
-            layer.saved.clear()
-            layer.saved_grads.clear()
+        super().clear_saved()
+        for layer in (self.first, self.batchnorm, self.tanh):
+            layer.clear_saved()
 
     @staticmethod
     def position_pairs(T: int) -> list[tuple[int, int]]:

@@ -82,12 +82,16 @@ class TrainConfig:
 SMALL_BATCH = 256  # up to this many examples a step is many tiny ops, which extra threads only slow down
 
 
+def require_threads(threads: int) -> int:
+    if threads < 1:
+        raise HandgradError(f"--threads must be at least 1, got {threads}")
+    return threads
+
+
 def cpu_threads(threads: int | None, batch_size: int) -> int:
     """Threads for the CPU ops: as asked, else one for small batches and torch's default for large ones."""
     if threads is not None:
-        if threads < 1:
-            raise HandgradError(f"--threads must be at least 1, got {threads}")
-        return threads
+        return require_threads(threads)
     return 1 if batch_size <= SMALL_BATCH else torch.get_num_threads()
 
 
