@@ -29,27 +29,32 @@ nvidia-smi -L
 step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpath.py tests/test_layers.py
 step check-mlp hg check --device cuda --dtype float64 "${data[@]}"
 step check-wavenet hg check --device cuda --dtype float64 --model wavenet "${data[@]}"
-for impl in cudagraph eager; do
+for impl in auto eager; do  # auto takes the CUDA graph on a GPU
     step "train-manual-$impl" hg train --device cuda --impl "$impl" --split examples -n 5 -o "$out/run-manual-$impl" "${data[@]}"
 done
 step train-autograd hg train --device cuda --grad autograd --split examples -n 5 -o "$out/run-autograd" "${data[@]}"
+for grad in manual autograd; do  # a deeper model with its own optimizer (adamw)
+    step "train-wavenet-$grad" hg train --device cuda --model wavenet --steps 2000 --grad "$grad" -n 0 \
+        -o "$out/run-wavenet-$grad" "${data[@]}"
+done
 step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-compiled,manual-cudagraph,manual-cudagraph-x32}"
 "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 runs = {}
-for name in ("manual-cudagraph", "manual-eager", "autograd"):
+for name in ("manual-auto", "manual-eager", "autograd", "wavenet-manual", "wavenet-autograd"):
     f = out / f"run-{name}" / "metrics.jsonl"
     if f.exists():
         runs[name] = [json.loads(l) for l in f.read_text().splitlines()]
         last = runs[name][-1]
         print(f"{name:18s} steps {last['step'] + 1:>6}  elapsed {last['elapsed']:7.1f} s  "
               f"{(last['step'] + 1) / last['elapsed']:8.1f} steps/s  last val {last.get('val_loss')}")
-if "autograd" in runs:
-    for name in ("manual-cudagraph", "manual-eager"):
-        if name in runs:
-            d = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(runs[name], runs["autograd"]))
-            print(f"{name} vs autograd: max |train loss diff| {d:.2e} over {len(runs[name])} logged steps")
+for name, ref in (("manual-auto", "autograd"), ("manual-eager", "autograd"), ("wavenet-manual", "wavenet-autograd")):
+    if name in runs and ref in runs:
+        d = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(runs[name], runs[ref]))
+        ratio = runs[ref][-1]["elapsed"] / runs[name][-1]["elapsed"]
+        print(f"{name} vs {ref}: {ratio:.2f}x the steps/s; max |train loss diff| {d:.2e} over {len(runs[name])} "
+              "logged steps")
 PY
 exit $status

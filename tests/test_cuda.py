@@ -11,7 +11,8 @@ import torch
 from cli_run import QUICK, run_cli
 from handgrad.errors import HandgradError
 from handgrad.fastpath import CudaGraphStep, choose_impl, compiled_train_step
-from handgrad.gradcheck import check_model, passed
+from handgrad.gradcheck import check_model, finite_difference_check, passed
+from handgrad.layers import Tanh
 from handgrad.model import ModelConfig, build_model
 from handgrad.optim import SGD, AdamW
 from handgrad.train import manual_step
@@ -40,11 +41,39 @@ def test_gradient_check_on_the_gpu(model):
 
 
 @gpu
-def test_cuda_graph_forward_backward_fills_the_optimizers_buffers():
-    models = [build_model(TINY, seed=3, device="cuda") for _ in range(2)]
+@pytest.mark.parametrize("model", ["mlp", "wavenet"])
+def test_check_command_on_the_gpu(model, capsys):
+    # autograd and finite differences, each compared on the GPU
+    rc, out, err = run_cli(["check", "--device", "cuda", "--dtype", "float64", "--model", model], capsys)
+    assert rc == 0, out + err
+    assert "finite-difference" in out and out.rstrip().splitlines()[-1].startswith("PASS")
+
+
+@gpu
+def test_finite_differences_catch_a_wrong_backward_on_the_gpu(monkeypatch):
+    m = build_model(TINY, seed=1, device="cuda", dtype=torch.float64)
+    x, y = data(32)
+    assert passed(finite_difference_check(m, x, y))
+    monkeypatch.setattr(Tanh, "backward", lambda self, dout: dout * (1 - self.saved["out"]))  # forgot the square
+    bad = {r.name for r in finite_difference_check(m, x, y) if not r.close}
+    assert "linear1.weight" in bad and "linear2.weight" not in bad  # wrong from the tanh's input down
+
+
+@gpu
+@pytest.mark.parametrize("cfg", [
+    TINY,
+    ModelConfig(model="deep-mlp", vocab_size=7, block_size=3, n_embd=4, n_hidden=16, n_layers=3),
+    ModelConfig(model="wavenet", vocab_size=7, block_size=8, n_embd=4, n_hidden=16, n_layers=3),
+], ids=["mlp", "deep-mlp", "wavenet"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cuda_graph_forward_backward_fills_the_optimizers_buffers(cfg, momentum):
+    # the training loop's recorded step, for each model family; the update stays outside the graph
+    models = [build_model(cfg, seed=3, device="cuda") for _ in range(2)]
     eager, graphed = models
-    opts = [SGD(m.parameters(), m.grads(), lr=0.5) for m in models]
-    X, Y = data()
+    opts = [SGD(m.parameters(), m.grads(), lr=0.1, momentum=momentum) for m in models]
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 7, (64, cfg.block_size), generator=g).cuda()
+    Y = torch.randint(0, 7, (64,), generator=g).cuda()
     step_fn = compiled_train_step(graphed, "cudagraph")
     losses = []
     for i in range(3):
@@ -54,17 +83,20 @@ def test_cuda_graph_forward_backward_fills_the_optimizers_buffers():
         torch.testing.assert_close(loss, manual_step(eager, x, y), rtol=0, atol=1e-5)
         assert_same_state(eager, graphed)
         for o in opts:
-            o.step(0.5)
+            o.step(o.lr)
     assert len({float(v) for v in losses}) == 3  # each step's loss is its own tensor, not the graph's buffer
 
 
 @gpu
-def test_train_on_the_gpu_tracks_autograd(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["mlp", "wavenet"])  # sgd and adamw, their defaults
+def test_train_on_the_gpu_tracks_autograd(model, tmp_path, capsys):
     runs = {}
     for grad in ("manual", "autograd"):
         out = tmp_path / grad
-        rc, _, err = run_cli(["train", "--device", "cuda", "--steps", "300", "--grad", grad, "-o", out, *QUICK], capsys)
+        rc, stdout, err = run_cli(["train", "--device", "cuda", "--model", model, "--steps", "300", "--grad", grad,
+                                   "-o", out, *QUICK], capsys)
         assert rc == 0, err
+        assert ("step: manual gradients, cudagraph (auto:" in stdout) == (grad == "manual"), stdout
         runs[grad] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     manual, auto = runs["manual"], runs["autograd"]
     assert [r["step"] for r in manual] == [r["step"] for r in auto]

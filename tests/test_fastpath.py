@@ -127,6 +127,9 @@ def test_choose_impl():
     assert choose_impl("auto", "autograd", 10_000, 8192)[0] == "eager"
     assert choose_impl("compiled", "manual", 10, 32)[0] == "compiled"
     assert choose_impl("eager", "manual", 10**9, 8192)[0] == "eager"
+    assert choose_impl("auto", "manual", 100, 32, device="cuda")[0] == "cudagraph"
+    assert choose_impl("auto", "manual", 100, 32, diagnostics=True, device="cuda")[0] == "eager"
+    assert choose_impl("auto", "autograd", 100, 32, device="cuda")[0] == "eager"
     with pytest.raises(HandgradError):
         choose_impl("compiled", "autograd", 10, 32)
     with pytest.raises(HandgradError):

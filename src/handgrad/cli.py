@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=["auto", "eager", "compiled", "cudagraph"], default="auto",
                    help="how the manual step runs: eager, compiled (forward and backward traced from the same layers "
                         "and compiled; seconds to a minute to compile), cudagraph (GPU only: the eager step recorded "
-                        "once as a CUDA graph and replayed), or auto: compiled on one CPU thread when the run is long "
-                        "and its batches large enough to repay the compile, else eager (default)")
+                        "once as a CUDA graph and replayed), or auto: cudagraph on a GPU; on a CPU, compiled on one thread "
+                        "when the run is long and its batches large enough to repay the compile, else eager (default)")
     p.add_argument("--grad", choices=["manual", "autograd"], default="manual",
                    help="manual: the hand-written backward (default); autograd: the reference, to compare")
     p.add_argument("--threads", type=positive_int, default=None,

@@ -266,8 +266,8 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
         return "eager", "--impl eager"
     if diagnostics:
         return "eager", "auto: --diagnostics reads the eager path's saved activations"
-    if device == "cuda":  # the recorded step is opt-in until its speed on a GPU has been measured
-        return "eager", "auto: eager on a GPU (--impl cudagraph records the step as a CUDA graph)"
+    if device == "cuda":  # measured on an H200 at batch 32: 5,646 steps/s recorded, 1,268 eager, 604 autograd
+        return "cudagraph", "auto: on a GPU one graph launch a step beats one launch an operation"
     if threads > 1:  # measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread)
         return "eager", f"auto: with {threads} threads the eager step's library kernels beat the compiled ones"
     if worth_compiling(steps, batch_size):

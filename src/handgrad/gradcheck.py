@@ -157,7 +157,7 @@ def finite_difference_check(
             flat_p, flat_g = p.view(-1), g.view(-1)
             k = min(samples_per_param, flat_p.numel())
             idx = torch.randperm(flat_p.numel(), generator=gen)[:k]
-            numeric = torch.empty(k, dtype=torch.float64)
+            numeric = torch.empty(k, dtype=torch.float64, device=flat_p.device)
             for j, i in enumerate(idx.tolist()):
                 numeric[j] = central_difference(lambda: m.forward(x, y).item(), flat_p, i, eps)
             results.append(compare(name, "finite-difference", flat_g[idx], numeric, atol))
@@ -176,7 +176,7 @@ def check_layer(layer: Module, x: torch.Tensor, dout: torch.Tensor | None = None
     with torch.no_grad():
         probe = layer.forward(x)
     if dout is None:
-        dout = torch.randn(probe.shape, dtype=probe.dtype, generator=torch.Generator().manual_seed(1))
+        dout = torch.randn(probe.shape, dtype=probe.dtype, generator=torch.Generator().manual_seed(1)).to(probe.device)
     buffers = {n: b.clone() for n, b in layer.named_buffers()}
 
     def restore():
