@@ -118,19 +118,25 @@ def test_compiled_step_refuses_what_it_cannot_do():
 
 
 def test_choose_impl():
-    assert choose_impl("auto", "manual", 10_000, 32)[0] == "eager"
+    assert choose_impl("auto", "manual", 10_000, 32)[0] == "replay"
     impl, why = choose_impl("auto", "manual", 10**7, 64)  # small batches: no faster compiled, however long
-    assert impl == "eager" and "no faster" in why
+    assert impl == "replay" and "no faster" in why
     assert choose_impl("auto", "manual", 10_000, 8192)[0] == "compiled"
-    assert choose_impl("auto", "manual", 10_000, 8192, threads=2)[0] == "eager"
+    assert choose_impl("auto", "manual", 100, 8192)[0] == "replay"  # too short to repay a compile
+    assert choose_impl("auto", "manual", 10_000, 8192, threads=2)[0] == "replay"
     assert choose_impl("auto", "manual", 10_000, 8192, diagnostics=True)[0] == "eager"
     assert choose_impl("auto", "autograd", 10_000, 8192)[0] == "eager"
     assert choose_impl("compiled", "manual", 10, 32)[0] == "compiled"
-    assert choose_impl("eager", "manual", 10**9, 8192)[0] == "eager"
+    assert choose_impl("replay", "manual", 10**9, 8192)[0] == "replay"
+    assert choose_impl("eager", "manual", 10**9, 32)[0] == "eager"
     assert choose_impl("auto", "manual", 100, 32, device="cuda")[0] == "cudagraph"
     assert choose_impl("auto", "manual", 100, 32, diagnostics=True, device="cuda")[0] == "eager"
     assert choose_impl("auto", "autograd", 100, 32, device="cuda")[0] == "eager"
     with pytest.raises(HandgradError):
         choose_impl("compiled", "autograd", 10, 32)
+    with pytest.raises(HandgradError, match="autograd"):
+        choose_impl("replay", "autograd", 10, 32)
+    with pytest.raises(HandgradError, match="--impl eager"):
+        choose_impl("replay", "manual", 10, 32, diagnostics=True)
     with pytest.raises(HandgradError):
         choose_impl("fast", "manual", 10, 32)

@@ -7,8 +7,11 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
 - `autograd-compiled`: that same step with the forward and loss under
   torch.compile (autograd then runs the compiled backward graph) and the
   optimizer's step compiled too.
-- `manual`: the hand-written backward exactly as `handgrad train` runs it,
-  eager: `train.manual_step`, then the optimizer's `step`.
+- `manual`: the hand-written backward run eagerly, as `handgrad train --impl eager`
+  runs it: `fastpath.manual_step` (the layers' methods), then the optimizer's `step`.
+- `manual-replay`: `fastpath.ReplayStep`, that eager step's torch calls recorded once
+  and replayed (what `handgrad train` runs on a CPU unless it compiles), then the
+  optimizer's `step`.
 - `manual-compiled`: `fastpath.CompiledStep`, the same layers and optimizer
   traced and compiled, one step per call; `manual-compiled-xK`: K steps per call.
 - `manual-cudagraph` (GPU): `fastpath.CudaGraphStep`, the eager manual step
@@ -35,11 +38,11 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import HandgradError
-from .fastpath import CompiledStep, CudaGraphStep
+from .fastpath import CompiledStep, CudaGraphStep, ReplayStep, manual_step
 from .layers import Linear
 from .model import ModelConfig, build_model
 from .optim import SGD
-from .train import gc_frozen, manual_step
+from .train import gc_frozen
 
 BATCH_SIZES = (32, 8192)
 LR = 0.1  # small enough that thousands of timed steps stay finite
@@ -50,7 +53,7 @@ def default_impls(batch_size: int | None = None, device: str = "cpu") -> list[st
     """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
     CUDA graphs only exist on a GPU."""
     small = batch_size is None or batch_size < LARGE_BATCH
-    impls = ["autograd", "autograd-compiled", "manual", "manual-compiled"]
+    impls = ["autograd", "autograd-compiled", "manual", "manual-replay", "manual-compiled"]
     if device == "cuda":
         return impls + ["manual-cudagraph"] + (["manual-cudagraph-x32"] if small else [])
     return impls + (["manual-compiled-x32"] if small else [])
@@ -91,6 +94,17 @@ class ManualRunner(Runner):
     def run(self, n):
         for _ in range(n):
             manual_step(self.model, *self.batch())
+            self.optimizer.step(LR)
+
+
+class ReplayRunner(ManualRunner):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.step = ReplayStep(self.model)
+
+    def run(self, n):
+        for _ in range(n):
+            self.step(*self.batch())
             self.optimizer.step(LR)
 
 
@@ -161,6 +175,8 @@ def make_runner(name: str, *args) -> Runner:
         return AutogradCompiledRunner(*args)
     if name == "manual":
         return ManualRunner(*args)
+    if name == "manual-replay":
+        return ReplayRunner(*args)
     if name == "manual-compiled":
         return CompiledRunner(*args)
     if name == "manual-cudagraph":
@@ -170,7 +186,7 @@ def make_runner(name: str, *args) -> Runner:
         if name.startswith(prefix) and k.isdigit() and int(k) >= 1:
             return runner(*args, steps_per_call=int(k))
     raise HandgradError(f"unknown implementation {name!r}: choose from autograd, autograd-compiled, manual, "
-                        f"manual-compiled, manual-compiled-xK (K steps per call), and on a GPU manual-cudagraph, "
+                        f"manual-replay, manual-compiled, manual-compiled-xK (K steps per call), and on a GPU manual-cudagraph, "
                         f"manual-cudagraph-xK")
 
 

@@ -137,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at each evaluation, log tanh saturation and gradient-to-data ratios to metrics.jsonl and draw activations.png")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="steps between validation losses (0: only at the end)")
     p.add_argument("--log-every", type=positive_int, default=100, help="steps between logged train losses (default 100)")
-    p.add_argument("--impl", choices=["auto", "eager", "compiled", "cudagraph"], default="auto",
-                   help="how the manual step runs: eager, compiled (forward and backward traced from the same layers "
-                        "and compiled; seconds to a minute to compile), cudagraph (GPU only: the eager step recorded "
-                        "once as a CUDA graph and replayed), or auto: cudagraph on a GPU; on a CPU, compiled on one thread "
-                        "when the run is long and its batches large enough to repay the compile, else eager (default)")
+    p.add_argument("--impl", choices=["auto", "eager", "replay", "compiled", "cudagraph"], default="auto",
+                   help="how the manual step runs: eager (the layers' methods, call by call), replay (the eager "
+                        "step's torch calls recorded at the first step and replayed without the Python between "
+                        "them: the same results bit for bit), compiled (forward and backward traced from the same "
+                        "layers and compiled; seconds to a minute to compile), cudagraph (GPU only: the eager step "
+                        "recorded once as a CUDA graph and replayed), or auto: cudagraph on a GPU; on a CPU, compiled "
+                        "on one thread when the run is long and its batches large enough to repay the compile, else "
+                        "replay (default)")
     p.add_argument("--grad", choices=["manual", "autograd"], default="manual",
                    help="manual: the hand-written backward (default); autograd: the reference, to compare")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -183,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes, comma-separated (default 32,8192)")
     p.add_argument("--impls", type=name_list, default=None, metavar="NAME,NAME",
                    help="implementations, comma-separated (default autograd,autograd-compiled,manual,"
-                        "manual-compiled, and manual-compiled-x32 below batch 1024; manual-compiled-xK "
-                        "runs K steps per call)")
+                        "manual-replay,manual-compiled, and manual-compiled-x32 below batch 1024; "
+                        "manual-compiled-xK runs K steps per call)")
     p.add_argument("--rounds", type=positive_int, default=7, help="timed rounds, implementations taking turns (default 7)")
     p.add_argument("--seconds", type=positive_float, default=0.25,
                    help="seconds per implementation per round (default 0.25)")

@@ -1,5 +1,6 @@
-"""The fast paths: whole manual training steps compiled into one graph (CPU or GPU), or recorded
-as a CUDA graph (GPU).
+"""The fast paths: the eager manual step's calls recorded once and replayed without the Python
+between them (`ReplayStep`, any device), whole manual training steps compiled into one graph
+(CPU or GPU), or recorded as a CUDA graph (GPU).
 
 `CompiledStep` traces the model's own layers (their `forward` and `backward`,
 the very methods the eager path runs) and the optimizer's own `update` (its
@@ -39,8 +40,9 @@ import torch
 
 from .errors import HandgradError
 from .optim import SGD
+from .replay import ReplayError, record
 
-IMPLS = ("eager", "compiled", "cudagraph", "auto")
+IMPLS = ("eager", "replay", "compiled", "cudagraph", "auto")
 
 
 def can_compile(optimizer) -> bool:
@@ -107,6 +109,53 @@ def check_call(steps_per_call: int, idx) -> None:
         raise HandgradError(f"{steps_per_call} steps per call need batch indices")
     if idx is not None and (idx.ndim != 2 or idx.shape[0] != steps_per_call):
         raise HandgradError(f"batch indices must have shape ({steps_per_call}, batch), got {tuple(idx.shape)}")
+
+
+def manual_step(model, x, y) -> torch.Tensor:
+    """One eager manual step's zero_grad, forward and backward; the loss. Inference mode: autograd off,
+    and no view or version bookkeeping on the step's new tensors (a few microseconds per op at small
+    batches); the buffers updated in place stay ordinary tensors."""
+    with torch.inference_mode():
+        model.zero_grad()
+        loss = model.forward(x, y)
+        model.backward()
+    return loss
+
+
+class ReplayStep:
+    """The eager manual step (zero_grad, forward, backward), its torch calls recorded once per batch
+    shape (`replay.record`) and then replayed as straight-line code: the same calls on the same
+    tensors in the same order, so the same results bit for bit, without the layers' Python between
+    the calls. The update stays with the caller: any optimizer, any schedule.
+
+    Call with a batch `x`, `y`; returns the loss. The first call of a batch shape runs the eager
+    step while recording it. Where a recording is refused (a layer reading a value into Python),
+    that call's eager run stands and every later call runs eagerly; `fallback` says why. The
+    layers' saved intermediates are not kept by a replay (diagnostics need the eager step).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.recordings: dict[tuple, object] = {}
+        self.fallback: str | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.model.training:
+            raise HandgradError("the replayed step trains: put the model in training mode first")
+        if self.fallback is not None:
+            return manual_step(self.model, x, y)
+        key = (x.shape, y.shape, x.dtype, y.dtype, x.device)
+        replay = self.recordings.get(key)
+        if replay is None:
+            try:
+                loss, self.recordings[key] = record(lambda x, y: manual_step(self.model, x, y), x, y)
+            except ReplayError as e:
+                self.fallback = str(e)
+                loss = e.result
+            self.model.clear_saved()  # the recording step's intermediates: a replay does not refresh them
+            return loss
+        with torch.inference_mode():
+            return replay(x, y)
 
 
 class CompiledStep:
@@ -236,7 +285,9 @@ class CudaGraphStep:
 # (2,208 / 2,250), 0.08-0.25 ms a step at 256 (1,413 / 1,584, 1,179 / 1,676), 0.37 ms at 512 (808 /
 # 1,189, 781 / 1,105), 8.6 ms at 8192 (57 / 111): about SAVED_PER_EXAMPLE seconds per example beyond
 # BREAK_EVEN_BATCH. (The loop runs the compiled forward and backward one step per call, the update
-# outside; the bench's compiled step, update inside, gains more at small batches.)
+# outside; the bench's compiled step, update inside, gains more at small batches.) These savings are
+# over the eager step; the replayed step, which auto takes otherwise, saves a few hundredths of a ms
+# a step over it, little beside them.
 COMPILE_SECONDS = 15.0
 SAVED_PER_EXAMPLE = 1.05e-6
 BREAK_EVEN_BATCH = 100
@@ -248,16 +299,16 @@ def worth_compiling(steps: int, batch_size: int) -> bool:
 
 def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: bool = False,
                 device: str = "cpu", threads: int = 1) -> tuple[str, str]:
-    """The path `handgrad train` takes, and why: ("eager", "compiled" or "cudagraph", reason)."""
+    """The path `handgrad train` takes, and why: ("eager", "replay", "compiled" or "cudagraph", reason)."""
     if impl not in IMPLS:
         raise HandgradError(f"unknown --impl {impl!r}: choose one of {', '.join(IMPLS)}")
     if grad != "manual":
-        if impl in ("compiled", "cudagraph"):
+        if impl in ("replay", "compiled", "cudagraph"):
             raise HandgradError(f"--impl {impl} speeds up the manual backward; it cannot run with --grad autograd")
         return "eager", "autograd gradients run eagerly"
     if impl == "cudagraph" and device != "cuda":
         raise HandgradError("--impl cudagraph needs --device cuda")
-    if impl in ("compiled", "cudagraph"):
+    if impl in ("replay", "compiled", "cudagraph"):
         if diagnostics:
             raise HandgradError(f"--diagnostics reads each layer's saved activations, which the {impl} step does not keep; "
                                 "use --impl eager")
@@ -268,18 +319,35 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
         return "eager", "auto: --diagnostics reads the eager path's saved activations"
     if device == "cuda":  # measured on an H200 at batch 32: 5,646 steps/s recorded, 1,268 eager, 604 autograd
         return "cudagraph", "auto: on a GPU one graph launch a step beats one launch an operation"
+    replayed = "the eager step's calls, replayed"
     if threads > 1:  # measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread)
-        return "eager", f"auto: with {threads} threads the eager step's library kernels beat the compiled ones"
+        return "replay", f"auto: with {threads} threads the library's kernels beat the compiled ones; {replayed}"
     if worth_compiling(steps, batch_size):
         return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{COMPILE_SECONDS:.0f}s compile"
     if batch_size <= BREAK_EVEN_BATCH:
-        return "eager", f"auto: at batch {batch_size} a compiled step is no faster in the training loop"
-    return "eager", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile"
+        return "replay", f"auto: at batch {batch_size} a compiled step is no faster in the training loop; {replayed}"
+    return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile; {replayed}"
 
 
-def compiled_train_step(model, impl: str = "compiled"):
-    """A `step_fn(model, x, y) -> loss` for the training loop: forward and backward compiled (or recorded
-    as a CUDA graph), the update left to the loop."""
+def compiled_train_step(model, impl: str = "compiled", report=lambda line: None):
+    """A `step_fn(model, x, y) -> loss` for the training loop: forward and backward replayed, compiled,
+    or recorded as a CUDA graph, the update left to the loop. `report(line)` is told if a recording
+    is refused and the eager step runs instead."""
+    if impl == "replay":
+        replayed = ReplayStep(model)
+
+        def step_fn(m, x, y):
+            if m is not model:
+                raise HandgradError("this replayed step belongs to another model")
+            if replayed.fallback is not None:
+                return manual_step(model, x, y)
+            loss = replayed(x, y)
+            if replayed.fallback is not None:
+                report(f"step: the eager step's calls cannot be replayed ({replayed.fallback}); it runs eagerly")
+            return loss
+
+        step_fn.replayed = replayed
+        return step_fn
     compiled = CompiledStep(model) if impl == "compiled" else CudaGraphStep(model)
 
     def step_fn(m, x, y):

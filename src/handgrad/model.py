@@ -50,6 +50,7 @@ class Model:
         self.config = config
         self.net = net
         self.loss_fn = CrossEntropyStepwise() if config.stepwise else CrossEntropy()
+        self.grad_buffer: torch.Tensor | None = None  # every gradient buffer, where `to` has put them in one tensor
 
     def forward(self, idx, targets=None):
         """Logits for `idx`; with `targets`, the mean cross-entropy loss instead."""
@@ -108,7 +109,9 @@ class Model:
         return self.net.training
 
     def to(self, device=None, dtype=None) -> "Model":
+        """Move the model; its gradient buffers end up as views of one tensor, `grad_buffer`."""
         self.net.to(device, dtype)
+        self.grad_buffer = self.net.flatten_grads()
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:

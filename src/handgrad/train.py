@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint, diagnostics, fastpath
 from .data import SPLITS, make_dataset
+from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .gradcheck import check_model, format_table, passed
@@ -168,16 +169,6 @@ def gc_frozen():
             gc.unfreeze()
 
 
-def manual_step(model, x, y) -> torch.Tensor:
-    # inference mode: autograd off, and no view or version bookkeeping on the step's new tensors
-    # (a few microseconds per op at small batches); the buffers updated in place stay ordinary tensors
-    with torch.inference_mode():
-        model.zero_grad()
-        loss = model.forward(x, y)
-        model.backward()
-    return loss
-
-
 class Progress:
     """A progress bar on a terminal; plain lines otherwise."""
 
@@ -297,8 +288,8 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     metrics_path = out_dir / checkpoint.METRICS
     metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
-    if impl in ("compiled", "cudagraph"):
-        step_fn = fastpath.compiled_train_step(model, impl)
+    if impl in ("replay", "compiled", "cudagraph"):
+        step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr))
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
     last_saved = start if resume is not None else None
@@ -310,7 +301,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
                 f"handgrad train -o {out_dir} --resume --lr LOWER")
 
     names = [name for name, _ in model.named_parameters()]  # optimizer.grads follow the parameters' order
-    watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk)
+    watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk, model.grad_buffer)
 
     def save(step: int) -> None:
         """Only a run checked finite is saved; metrics reach the disk before the checkpoint that counts them."""
@@ -397,7 +388,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
         "vocab": ds.vocab.chars,
         "final": final,
         "steps_per_s": cfg.steps / max(elapsed, 1e-9),
-        "impl": impl,
+        "impl": "eager" if getattr(getattr(step_fn, "replayed", None), "fallback", None) else impl,
         "elapsed": elapsed,
         "torch": torch.__version__,
     }

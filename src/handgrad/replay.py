@@ -1,0 +1,215 @@
+"""Record the torch calls of one eager step and replay them as straight-line code.
+
+At small batches an eager step spends much of its time in Python between the
+operations: the layers' method calls, dictionary lookups, shape checks. A step's
+calls are the same every step, for a given batch shape: the same functions on
+the same persistent tensors (parameters, gradient buffers, running statistics)
+and on tensors the step itself makes. `record` runs a step once under a torch
+function mode that logs every call, and writes that log as a Python function:
+one line per call, in the same order, with the same arguments. Replaying it runs
+exactly the eager step's kernels, so the results are bit for bit the eager
+step's, with none of the Python in between. Where a call makes a new tensor and
+the same function (or, for a tensor method, torch's function of that name)
+can write it into a given tensor (`out=`) with the same result, the replay
+writes it into a buffer made at recording, reused every call: no allocation.
+What the recorded function returns is never such a buffer.
+
+What a recording refuses (`ReplayError`), since a replay could not repeat it:
+- a value read into Python (`.item()`, `float(t)`, `bool(t)`, ...): the Python
+  that read it could branch on it;
+- an operation whose output shape depends on the values (`nonzero`, a boolean
+  mask, ...): later calls would carry the recorded shapes as constants.
+Shapes, strides and other metadata may be read: they are constants of the
+batch shape, and a new batch shape is recorded anew. The persistent tensors
+are referred to by identity: they must stay the same tensor objects (updated
+in place) for as long as the recording is replayed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class ReplayError(RuntimeError):
+    """The recorded function did something a replay cannot repeat. The function still ran to its
+    end, as it would have without the recording: its result is `result`."""
+
+    def __init__(self, reason: str, result=None):
+        super().__init__(reason)
+        self.result = result
+
+
+# Tensor metadata a step may read: constant for a given batch shape.
+METADATA_METHODS = {torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement, torch.Tensor.stride,
+                    torch.Tensor.is_contiguous, torch.Tensor.is_floating_point, torch.Tensor.element_size,
+                    torch.Tensor.__len__, torch.Tensor.storage_offset, torch.Tensor.get_device,
+                    torch.Tensor.__hash__}  # a tensor's hash is its identity
+METADATA_PROPERTIES = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_cpu", "requires_grad", "is_leaf",
+                       "is_sparse", "is_quantized", "is_meta", "itemsize", "nbytes"}
+# Tensor methods whose torch function has another name (the function takes `out=`).
+OPERATORS = {"__add__": "add", "__radd__": "add", "__sub__": "sub", "__mul__": "mul", "__rmul__": "mul",
+             "__truediv__": "div", "__neg__": "neg", "__matmul__": "matmul", "__pow__": "pow"}
+# Functions that draw random numbers: calling one again while recording would draw more.
+RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+          "normal", "poisson", "dropout", "uniform_", "normal_"}
+# Output shapes that depend on the values.
+VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nonzero_static"}
+
+
+def _property_name(func) -> str | None:
+    """The property's name when `func` is a tensor property's getter (`Tensor.shape.__get__`)."""
+    owner = getattr(func, "__self__", None)
+    return getattr(owner, "__name__", None) if getattr(func, "__name__", "") == "__get__" else None
+
+
+def _is_tensor_seq(obj) -> bool:
+    return isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and all(
+        isinstance(o, torch.Tensor) for o in obj)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, inputs):
+        super().__init__()
+        self.names = {id(t): f"a{i}" for i, t in enumerate(inputs)}
+        self.alive = list(inputs)  # every tensor seen stays alive until the end: ids stay unique
+        self.lines: list[str] = []
+        self.constants: list = []
+        self.refused: str | None = None  # why a replay could not repeat the run; the run goes on regardless
+
+    def const(self, obj) -> str:
+        self.constants.append(obj)
+        return f"k{len(self.constants) - 1}"
+
+    def ref(self, obj) -> str:
+        """An expression for the argument `obj` in the generated code."""
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in self.names:  # made before the step: a persistent tensor, a constant of the replay
+                self.names[id(obj)] = self.const(obj)
+                self.alive.append(obj)
+            return self.names[id(obj)]
+        if type(obj) in (list, tuple):
+            parts = [self.ref(o) for o in obj]
+            if type(obj) is list:
+                return "[" + ", ".join(parts) + "]"
+            return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+        if obj is None or type(obj) in (bool, int, str) or (type(obj) is float and math.isfinite(obj)):
+            return repr(obj)  # repr of a float reads back as the same float
+        return self.const(obj)  # dtypes, devices, slices, sizes, generators, infinities
+
+    def refusal(self, func, args, out) -> str | None:
+        """Why a replay could not repeat this call, or None."""
+        name = getattr(func, "__name__", "")
+        prop = _property_name(func)
+        if name in VALUE_SHAPED:
+            return f"{name}: its output's shape depends on the values"
+        if name in ("__getitem__", "__setitem__", "index_put", "index_put_") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in torch.utils._pytree.tree_leaves(args)):
+            return f"{name} with a boolean mask: its output's shape depends on the values"
+        if out is not None and not isinstance(out, torch.Tensor) and not (_is_tensor_seq(out) and len(out) > 0) \
+                and func not in METADATA_METHODS and prop not in METADATA_PROPERTIES:
+            return f"{prop or name} reads a value into Python"
+        return None
+
+    def written_into(self, func, args, kwargs, out):
+        """`func` again, writing into a buffer of the replay's own: the same function or, for a tensor
+        method, torch's function of that name, with `out=`; kept where it gives the same tensor
+        (values and strides). Else None."""
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") or name in RANDOM or "out" in kwargs or "generator" in kwargs or out._base is not None
+                or out.is_sparse or out.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in self.alive}):
+            return None  # in place, random, already written into, a view, or memory seen before
+        if func is getattr(torch, name, None):
+            fn = func
+        elif func is getattr(torch.Tensor, name, None):
+            fn = getattr(torch, OPERATORS.get(name, name), None)
+        else:
+            return None
+        if fn is None:
+            return None
+        buf = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+        try:
+            res = fn(*args, **kwargs, out=buf)
+        except (TypeError, RuntimeError):
+            return None
+        if res is not buf or buf.stride() != out.stride() or not torch.equal(buf, out):
+            return None
+        return fn, buf
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.refused is not None:
+            return out
+        self.refused = self.refusal(func, args, out)
+        tensor_out = isinstance(out, torch.Tensor) or (_is_tensor_seq(out) and len(out) > 0)
+        if self.refused is not None or (not tensor_out and out is not None):
+            return out  # metadata: a constant of the batch shape, baked into the calls that use it
+        arguments = [self.ref(a) for a in args] + [f"{k}={self.ref(v)}" for k, v in kwargs.items()]
+        call = f"{self.const(func)}(" + ", ".join(arguments) + ")"
+        outs = [out] if isinstance(out, torch.Tensor) else list(out) if tensor_out else []
+        fresh = [f"t{len(self.lines)}_{i}" for i in range(len(outs))]
+        into = self.written_into(func, args, kwargs, out) if isinstance(out, torch.Tensor) else None
+        buffered = None
+        if into is not None:
+            fn, buf = into
+            buffered = (f"{self.const(fn)}(" + ", ".join(arguments + [f"out={self.const(buf)}"]) + ")", out)
+        if not outs:
+            self.lines.append(("", call, None))
+        else:
+            self.lines.append((", ".join(fresh) + ("," if len(fresh) == 1 and not isinstance(out, torch.Tensor) else "")
+                               + " = ", call, buffered))
+        for t, n in zip(outs, fresh):
+            # an in-place call returns its input: keep the name it had (a constant stays a constant)
+            self.names.setdefault(id(t), n)
+            self.alive.append(t)
+        return out
+
+    def code(self, returned: list[torch.Tensor]) -> list[str]:
+        """The recorded lines; a call writes into its buffer unless what the function returns lives there."""
+        kept = {t.untyped_storage().data_ptr() for t in returned}
+        lines = []
+        for assign, call, buffered in self.lines:
+            if buffered is not None and buffered[1].untyped_storage().data_ptr() not in kept:
+                call = buffered[0]
+            lines.append(assign + call)
+        return lines
+
+
+class Recording:
+    """A function recorded by `record`: call it with tensors of the recorded shapes."""
+
+    def __init__(self, source: str, fn, calls: int):
+        self.source, self.fn, self.calls = source, fn, calls
+
+    def __call__(self, *inputs):
+        return self.fn(*inputs)
+
+
+def record(fn, *inputs) -> tuple[object, Recording]:
+    """Run `fn(*inputs)` (tensors) once, recording its torch calls; returns its result and the recording.
+
+    The result must be a tensor or a list or tuple of tensors made by the calls.
+    Raises `ReplayError` (holding the result) where a replay could not repeat the run.
+    """
+    rec = _Recorder(inputs)
+    with rec:
+        result = fn(*inputs)
+    if rec.refused is not None:
+        raise ReplayError(rec.refused, result)
+    results = [result] if isinstance(result, torch.Tensor) else list(result) if _is_tensor_seq(result) else None
+    if results is None or any(id(t) not in rec.names for t in results):
+        raise ReplayError("the recorded function must return tensors made or passed in by its torch calls", result)
+    returned = ", ".join(rec.names[id(t)] for t in results)
+    if not isinstance(result, torch.Tensor):
+        returned = f"[{returned}]" if type(result) is list else f"({returned},)"
+    params = ", ".join(f"a{i}" for i in range(len(inputs)))
+    body = "\n".join(f"        {line}" for line in rec.code(results)) or "        pass"
+    # the constants become the closure's cells: faster to read than globals, once per call
+    source = (f"def bind({', '.join(f'k{i}' for i in range(len(rec.constants)))}):\n"
+              f"    def replay({params}):\n{body}\n        return {returned}\n    return replay\n")
+    namespace: dict = {}
+    exec(compile(source, "<handgrad replay>", "exec"), namespace)
+    return result, Recording(source, namespace["bind"](*rec.constants), len(rec.lines))
+

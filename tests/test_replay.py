@@ -1,0 +1,172 @@
+"""The replayed step against the eager step, bit for bit; what a recording refuses; the one
+gradient buffer and the per-step divergence check that reads it."""
+import json
+import math
+
+import pytest
+import torch
+
+from handgrad.divergence import DivergenceWatch
+from handgrad.errors import HandgradError
+from handgrad.fastpath import ReplayStep, compiled_train_step, manual_step
+from handgrad.layers import Module
+from handgrad.model import ModelConfig, build_model
+from handgrad.optim import make_optimizer
+from handgrad.replay import ReplayError, record
+
+from cli_run import QUICK, run_cli
+
+
+def test_a_recording_replays_the_calls_on_new_inputs():
+    w = torch.randn(5, 3)
+    acc = torch.zeros(3)
+
+    def fn(x):
+        h = torch.tanh(x @ w)  # an operator and a function, each written into a buffer of the replay
+        acc.add_(h.sum(0))  # in place on a tensor made before: a constant of the replay
+        return h.exp() * x.shape[0]  # metadata read into Python: a constant of the shape
+
+    x1, x2 = torch.randn(4, 5), torch.randn(4, 5)
+    first, rec = record(fn, x1)
+    torch.testing.assert_close(first, torch.tanh(x1 @ w).exp() * 4, rtol=0, atol=0)
+    acc_before = acc.clone()
+    out2 = rec(x2)
+    torch.testing.assert_close(out2, torch.tanh(x2 @ w).exp() * 4, rtol=0, atol=0)
+    torch.testing.assert_close(acc, acc_before + torch.tanh(x2 @ w).sum(0), rtol=0, atol=0)
+    out3 = rec(x1)
+    assert out3 is not out2 and torch.equal(out3, first)  # what it returns is new each call, never a reused buffer
+    assert "out=" in rec.source and rec.calls == 6
+
+
+@pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: float(t.sum()), lambda t: bool(t.max() > 0),
+                                  lambda t: t.tolist(), lambda t: t[t > 0], lambda t: t.nonzero()])
+def test_a_recording_refuses_what_a_replay_cannot_repeat(read):
+    calls = []
+
+    def fn(x):
+        y = x * 2
+        read(y)
+        calls.append(1)
+        return y + 1
+
+    x = torch.randn(3)
+    with pytest.raises(ReplayError) as e:
+        record(fn, x)
+    assert calls == [1]  # the function still ran to its end, once
+    torch.testing.assert_close(e.value.result, x * 2 + 1)
+
+
+def test_a_recording_must_return_tensors():
+    with pytest.raises(ReplayError, match="must return tensors"):
+        record(lambda x: None, torch.zeros(2))
+
+
+CONFIGS = {
+    "mlp": ModelConfig(vocab_size=7, block_size=3, n_embd=4, n_hidden=16),
+    "mlp-stepwise": ModelConfig(vocab_size=7, block_size=3, n_embd=4, n_hidden=16, stepwise=True),
+    "deep-mlp": ModelConfig(model="deep-mlp", vocab_size=7, block_size=3, n_embd=4, n_hidden=16, n_layers=3),
+    "wavenet": ModelConfig(model="wavenet", vocab_size=7, block_size=8, n_embd=4, n_hidden=16, n_layers=3),
+}
+
+
+@pytest.mark.parametrize("name,optimizer", [("mlp", "sgd"), ("mlp-stepwise", "momentum"), ("deep-mlp", "adamw"),
+                                            ("wavenet", "momentum")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_replay_is_the_eager_step_bit_for_bit(name, optimizer, dtype):
+    config = CONFIGS[name]
+    models = [build_model(config, seed=3, dtype=dtype) for _ in range(2)]
+    opts = [make_optimizer(optimizer, m, lr=0.1) for m in models]
+    replayed = ReplayStep(models[1])
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):
+        batch = 8 if step < 20 else 12  # a second batch shape: a second recording
+        x = torch.randint(0, 7, (batch, config.block_size), generator=g)
+        y = torch.randint(0, 7, (batch,), generator=g)
+        assert torch.equal(manual_step(models[0], x, y), replayed(x, y)), step
+        for o in opts:
+            o.step()
+    assert replayed.fallback is None and len(replayed.recordings) == 2
+    eager, fast = models
+    for a, b in zip(eager.parameters() + eager.grads() + [t for _, t in eager.named_buffers()],
+                    fast.parameters() + fast.grads() + [t for _, t in fast.named_buffers()]):
+        assert torch.equal(a, b)
+
+
+class ReadsAValue(Module):
+    """Passes the ids through, having read a value into Python, as a recording cannot repeat."""
+
+    def forward(self, x):
+        self.saved["largest"] = int(x.max())
+        return x
+
+    def backward(self, dout):
+        return dout
+
+
+def test_a_refused_recording_falls_back_to_the_eager_step():
+    models = [build_model(CONFIGS["mlp"], seed=3) for _ in range(2)]
+    for m in models:
+        m.net.layers = {"reads": ReadsAValue(), **m.net.layers}
+    replayed = ReplayStep(models[1])
+    lines = []
+    step_fn = compiled_train_step(models[1], "replay", report=lines.append)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randint(0, 7, (8, 3), generator=g), torch.randint(0, 7, (8,), generator=g)
+        assert torch.equal(manual_step(models[0], x, y), step_fn(models[1], x, y))
+    assert len(lines) == 1 and "reads a value into Python" in lines[0] and "runs eagerly" in lines[0]
+    x, y = torch.randint(0, 7, (8, 3), generator=g), torch.randint(0, 7, (8,), generator=g)
+    replayed(x, y)
+    assert replayed.fallback is not None and "__int__" in replayed.fallback
+
+
+def test_replay_refuses_a_model_in_eval_mode():
+    model = build_model(CONFIGS["mlp"])
+    model.eval()
+    with pytest.raises(HandgradError, match="training mode"):
+        ReplayStep(model)(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+def test_train_replay_and_eager_log_the_same_run(tmp_path, capsys):
+    runs = {}
+    for impl in ("replay", "eager"):
+        out = tmp_path / impl
+        rc, text, err = run_cli(["train", "-o", out, "--steps", 60, "--impl", impl, "--check-every", 25, *QUICK], capsys)
+        assert rc == 0, err
+        assert f"manual gradients, {impl}" in text
+        runs[impl] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((out / "run.json").read_text())["impl"] == impl
+    assert [r["train_loss"] for r in runs["replay"]] == [r["train_loss"] for r in runs["eager"]]
+    rc, text, _ = run_cli(["train", "-o", tmp_path / "auto", "--steps", 10, *QUICK], capsys)
+    assert rc == 0 and "manual gradients, replay (auto: at batch 32" in text
+
+
+def test_gradient_buffers_are_views_of_one_tensor():
+    model = build_model(CONFIGS["deep-mlp"])
+    flat = model.grad_buffer
+    assert flat.numel() == sum(g.numel() for g in model.grads())
+    flat.fill_(1.0)
+    assert all(bool((g == 1).all()) for g in model.grads())
+    model.zero_grad()
+    assert not flat.any()
+    model.to(dtype=torch.float64)  # moved: the buffers are gathered again
+    assert model.grad_buffer.dtype == torch.float64 and all(g.dtype == torch.float64 for g in model.grads())
+    assert model.grad_buffer.untyped_storage().data_ptr() == model.grads()[0].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("with_buffer", [True, False])
+def test_the_divergence_check_names_the_first_bad_gradient_at_its_step(with_buffer):
+    model = build_model(CONFIGS["mlp"])
+    names = [n for n, _ in model.named_parameters()]
+    watch = DivergenceWatch(list(zip(names, model.grads())), 0.1, grad_buffer=model.grad_buffer if with_buffer else None)
+    assert watch.sums == ([model.grad_buffer] if with_buffer else model.grads())
+    watch.observe(0, torch.tensor(2.0))
+    model.grads()[2].view(-1)[1] = -math.inf
+    model.grads()[4].view(-1)[0] = math.nan
+    with pytest.raises(HandgradError, match=f"step 1: the gradient of {names[2]} became NaN or infinite"):
+        watch.observe(1, torch.tensor(2.0))
+    with pytest.raises(HandgradError, match="step 2: the loss became NaN"):
+        watch.observe(2, torch.tensor(math.nan))
+    model.zero_grad()
+    model.grads()[0].fill_(3e38)  # finite gradients whose sum overflows: no verdict on them
+    watch.observe(3, torch.tensor(2.0))
