@@ -92,9 +92,10 @@ class ManualRunner(Runner):
         self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
 
     def run(self, n):
-        for _ in range(n):
-            manual_step(self.model, *self.batch())
-            self.optimizer.step(LR)
+        with torch.inference_mode():  # the whole loop, as `handgrad train` runs the manual step
+            for _ in range(n):
+                manual_step(self.model, *self.batch())
+                self.optimizer.step(LR)
 
 
 class ReplayRunner(ManualRunner):
@@ -103,9 +104,10 @@ class ReplayRunner(ManualRunner):
         self.step = ReplayStep(self.model)
 
     def run(self, n):
-        for _ in range(n):
-            self.step(*self.batch())
-            self.optimizer.step(LR)
+        with torch.inference_mode():
+            for _ in range(n):
+                self.step(*self.batch())
+                self.optimizer.step(LR)
 
 
 class CompiledRunner(Runner):

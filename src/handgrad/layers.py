@@ -102,8 +102,8 @@ class Embedding(Module):
 
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
-        w = self.grads["weight"]
-        w.index_add_(0, self.saved["idx"].reshape(-1), dout.reshape(-1, w.shape[1]))
+        # one call (no flattening views); on a CPU it adds in the ids' order, as index_add_ does
+        self.grads["weight"].index_put_((self.saved["idx"],), dout, accumulate=True)
         return None
 
 

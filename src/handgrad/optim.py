@@ -59,6 +59,17 @@ class Optimizer:
                 t.copy_(state[f"{i}.{name}"])
 
     def step(self, lr: float | None = None) -> None:
+        """Count the step, then update every parameter from its gradient buffer (at `lr`, or the optimizer's)."""
+        lr = self.lr if lr is None else lr
+        self.step_count += 1
+        if any(p.requires_grad for p in self.params):  # the update is not part of any graph
+            with torch.no_grad():
+                self.update(lr)
+        else:
+            self.update(lr)  # plain tensors record nothing: no context to enter (nor leave: that slows later ops)
+
+    def update(self, lr: float) -> None:
+        """The update of step number `step_count`, which `step` has counted."""
         raise NotImplementedError
 
 
@@ -82,17 +93,8 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.weight_decay = per_parameter(weight_decay, len(self.params))
 
-    def step(self, lr: float | None = None) -> None:
-        lr = self.lr if lr is None else lr
-        if any(p.requires_grad for p in self.params):  # the update is not part of any graph
-            with torch.no_grad():
-                self.update(lr)
-        else:
-            self.update(lr)  # plain tensors record nothing: no context to enter (microseconds a step)
-        self.step_count += 1
-
     def update(self, lr: float) -> None:
-        """The update of `step`, without counting the step: what the fast paths record in their graphs
+        """The update of `step`, which reads no step count: what the fast paths record in their graphs
         (a Python counter changed inside one would be a new constant each call); they count the steps."""
         if not self.momentum and not any(self.weight_decay):  # plain SGD: one call updates every parameter
             torch._foreach_add_(self.params, self.grads, alpha=-lr)
@@ -126,10 +128,7 @@ class AdamW(Optimizer):
         self.betas, self.eps = betas, eps
         self.weight_decay = per_parameter(weight_decay, len(self.params))
 
-    @torch.no_grad()
-    def step(self, lr: float | None = None) -> None:
-        lr = self.lr if lr is None else lr
-        self.step_count += 1
+    def update(self, lr: float) -> None:
         t = self.step_count
         b1, b2 = self.betas
         step_size = lr / (1 - b1**t)

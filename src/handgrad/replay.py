@@ -27,6 +27,7 @@ in place) for as long as the recording is replayed.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -91,6 +92,8 @@ class _Recorder(TorchFunctionMode):
             return self.names[id(obj)]
         if type(obj) in (list, tuple):
             parts = [self.ref(o) for o in obj]
+            if parts and all(p.startswith("k") for p in parts):  # constants only: one constant, not built each call
+                return self.const(type(obj)(obj))
             if type(obj) is list:
                 return "[" + ", ".join(parts) + "]"
             return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
@@ -166,15 +169,15 @@ class _Recorder(TorchFunctionMode):
             self.alive.append(t)
         return out
 
-    def code(self, returned: list[torch.Tensor]) -> list[str]:
-        """The recorded lines; a call writes into its buffer unless what the function returns lives there."""
+    def code(self, returned: list[torch.Tensor], result: str) -> list[str]:
+        """The recorded lines, `result` the returned expression. A call writes into its buffer unless
+        what the function returns lives there; results that nothing reads are not assigned."""
         kept = {t.untyped_storage().data_ptr() for t in returned}
-        lines = []
-        for assign, call, buffered in self.lines:
-            if buffered is not None and buffered[1].untyped_storage().data_ptr() not in kept:
-                call = buffered[0]
-            lines.append(assign + call)
-        return lines
+        calls = [buffered[0] if buffered is not None and buffered[1].untyped_storage().data_ptr() not in kept else call
+                 for _, call, buffered in self.lines]
+        read = set(re.findall(r"\bt\d+_\d+\b", " ".join(calls + [result])))
+        return [assign + call if read & set(re.findall(r"\bt\d+_\d+\b", assign)) else call
+                for (assign, _, _), call in zip(self.lines, calls)]
 
 
 class Recording:
@@ -205,7 +208,7 @@ def record(fn, *inputs) -> tuple[object, Recording]:
     if not isinstance(result, torch.Tensor):
         returned = f"[{returned}]" if type(result) is list else f"({returned},)"
     params = ", ".join(f"a{i}" for i in range(len(inputs)))
-    body = "\n".join(f"        {line}" for line in rec.code(results)) or "        pass"
+    body = "\n".join(f"        {line}" for line in rec.code(results, returned)) or "        pass"
     # the constants become the closure's cells: faster to read than globals, once per call
     source = (f"def bind({', '.join(f'k{i}' for i in range(len(rec.constants)))}):\n"
               f"    def replay({params}):\n{body}\n        return {returned}\n    return replay\n")

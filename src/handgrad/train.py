@@ -305,6 +305,10 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
 
     def save(step: int) -> None:
         """Only a run checked finite is saved; metrics reach the disk before the checkpoint that counts them."""
+        with torch.inference_mode(False):  # what is saved (state copies, counters) made as ordinary tensors
+            write_checkpoint(step)
+
+    def write_checkpoint(step: int) -> None:
         nonlocal last_saved
         watch.check()
         watch.check_weights(step, model.parameters())
@@ -321,7 +325,10 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
         torch.manual_seed(cfg.seed)  # the batch order, as the seed notebook: reseed, then randint per step
     t0 = time.perf_counter() - (resume.meta["elapsed"] if resume is not None else 0.0)
     Xtrain, Ytrain = X["train"], Y["train"]
-    with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf, gc_frozen():
+    # the manual eager and replayed steps run with autograd off: the loop stays in inference mode, rather
+    # than each step entering and leaving it (fastpath.inference_mode)
+    loop_mode = torch.inference_mode() if cfg.grad == "manual" and impl in ("eager", "replay") else contextlib.nullcontext()
+    with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf, gc_frozen(), loop_mode:
         for step in range(start, cfg.steps):
             lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup)
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
@@ -329,7 +336,8 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
                 idx = idx.to(device)
             x, y = Xtrain.index_select(0, idx), Ytrain.index_select(0, idx)
             if cfg.check_every and step % cfg.check_every == 0:
-                results = check_model(model, x, y, grads=optimizer.grads)
+                with torch.inference_mode(False):  # autograd's reference needs a batch it can save for its backward
+                    results = check_model(model, x.clone(), y.clone(), grads=optimizer.grads)
                 if not passed(results):
                     bad = [r.name for r in results if not r.close]
                     raise HandgradError(f"step {step}: manual gradients disagree with autograd for {', '.join(bad)}")
