@@ -10,12 +10,12 @@ from handgrad.model import ModelConfig, build_model
 
 
 def test_json_shape(capsys):
-    assert main(["bench", "--json", "--batch-sizes", "4,1024", "--impls", "autograd,manual",
+    assert main(["bench", "--json", "--batch-sizes", "4,1024", "--impls", "autograd,manual,manual-replay",
                  "--rounds", "2", "--seconds", "0.001"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = report["results"]
     assert [(r["impl"], r["batch_size"]) for r in rows] == [
-        ("autograd", 4), ("manual", 4), ("autograd", 1024), ("manual", 1024)]
+        ("autograd", 4), ("manual", 4), ("manual-replay", 4), ("autograd", 1024), ("manual", 1024), ("manual-replay", 1024)]
     for r in rows:
         assert {"impl", "batch_size", "steps_per_s", "threads", "device"} <= set(r)
         assert r["steps_per_s"] > 0 and r["threads"] == 1 and r["device"] == "cpu"

@@ -347,10 +347,9 @@ def compiled_train_step(model, impl: str = "compiled", report=lambda line: None)
         def step_fn(m, x, y):
             if m is not model:
                 raise HandgradError("this replayed step belongs to another model")
-            if replayed.fallback is not None:
-                return manual_step(model, x, y)
+            refused = replayed.fallback
             loss = replayed(x, y)
-            if replayed.fallback is not None:
+            if refused is None and replayed.fallback is not None:  # refused just now: say so once
                 report(f"step: the eager step's calls cannot be replayed ({replayed.fallback}); it runs eagerly")
             return loss
 

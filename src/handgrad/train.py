@@ -54,7 +54,7 @@ class TrainConfig:
     save_every: int = 1000  # steps between checkpoints (0: only at the end and on Ctrl-C)
     stop_at: int = 0  # save and stop after this many steps, the schedule still spanning `steps` (0: run to the end)
     grad: str = "manual"  # or "autograd", to compare
-    impl: str = "auto"  # manual step: eager, compiled, cudagraph (fastpath), or auto (fastpath.choose_impl)
+    impl: str = "auto"  # manual step: eager, replay, compiled, cudagraph (fastpath), or auto (fastpath.choose_impl)
     check: bool = True  # gradient check on one batch before the first step
     check_every: int = 0
     device: str = "cpu"
