@@ -26,10 +26,10 @@ hg() { "$py" -m handgrad "$@"; }
 
 nvidia-smi -L
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpath.py tests/test_layers.py
+step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpath.py tests/test_layers.py tests/test_replay.py
 step check-mlp hg check --device cuda --dtype float64 "${data[@]}"
 step check-wavenet hg check --device cuda --dtype float64 --model wavenet "${data[@]}"
-for impl in auto eager; do  # auto takes the CUDA graph on a GPU
+for impl in auto eager replay; do  # auto takes the CUDA graph on a GPU
     step "train-manual-$impl" hg train --device cuda --impl "$impl" --split examples -n 5 -o "$out/run-manual-$impl" "${data[@]}"
 done
 step train-autograd hg train --device cuda --grad autograd --split examples -n 5 -o "$out/run-autograd" "${data[@]}"
@@ -37,20 +37,21 @@ for grad in manual autograd; do  # a deeper model with its own optimizer (adamw)
     step "train-wavenet-$grad" hg train --device cuda --model wavenet --steps 2000 --grad "$grad" -n 0 \
         -o "$out/run-wavenet-$grad" "${data[@]}"
 done
-step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-compiled,manual-cudagraph,manual-cudagraph-x32}"
+step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-replay,manual-compiled,manual-cudagraph,manual-cudagraph-x32}"
 "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 runs = {}
-for name in ("manual-auto", "manual-eager", "autograd", "wavenet-manual", "wavenet-autograd"):
+for name in ("manual-auto", "manual-eager", "manual-replay", "autograd", "wavenet-manual", "wavenet-autograd"):
     f = out / f"run-{name}" / "metrics.jsonl"
     if f.exists():
         runs[name] = [json.loads(l) for l in f.read_text().splitlines()]
         last = runs[name][-1]
         print(f"{name:18s} steps {last['step'] + 1:>6}  elapsed {last['elapsed']:7.1f} s  "
               f"{(last['step'] + 1) / last['elapsed']:8.1f} steps/s  last val {last.get('val_loss')}")
-for name, ref in (("manual-auto", "autograd"), ("manual-eager", "autograd"), ("wavenet-manual", "wavenet-autograd")):
+for name, ref in (("manual-auto", "autograd"), ("manual-eager", "autograd"), ("manual-replay", "autograd"),
+                  ("wavenet-manual", "wavenet-autograd")):
     if name in runs and ref in runs:
         d = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(runs[name], runs[ref]))
         ratio = runs[ref][-1]["elapsed"] / runs[name][-1]["elapsed"]

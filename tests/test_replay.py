@@ -69,19 +69,23 @@ CONFIGS = {
 }
 
 
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.parametrize("name,optimizer", [("mlp", "sgd"), ("mlp-stepwise", "momentum"), ("deep-mlp", "adamw"),
                                             ("wavenet", "momentum")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_replay_is_the_eager_step_bit_for_bit(name, optimizer, dtype):
+@pytest.mark.parametrize("dtype,device", [(torch.float32, "cpu"), (torch.float64, "cpu"),
+                                          pytest.param(torch.float32, "cuda", marks=needs_gpu)])
+def test_replay_is_the_eager_step_bit_for_bit(name, optimizer, dtype, device):
     config = CONFIGS[name]
-    models = [build_model(config, seed=3, dtype=dtype) for _ in range(2)]
+    models = [build_model(config, seed=3, dtype=dtype, device=device) for _ in range(2)]
     opts = [make_optimizer(optimizer, m, lr=0.1) for m in models]
     replayed = ReplayStep(models[1])
     g = torch.Generator().manual_seed(0)
     for step in range(30):
         batch = 8 if step < 20 else 12  # a second batch shape: a second recording
-        x = torch.randint(0, 7, (batch, config.block_size), generator=g)
-        y = torch.randint(0, 7, (batch,), generator=g)
+        x = torch.randint(0, 7, (batch, config.block_size), generator=g).to(device)
+        y = torch.randint(0, 7, (batch,), generator=g).to(device)
         assert torch.equal(manual_step(models[0], x, y), replayed(x, y)), step
         for o in opts:
             o.step()
