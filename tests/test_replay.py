@@ -12,6 +12,7 @@ from handgrad.fastpath import ReplayStep, compiled_train_step, manual_step
 from handgrad.layers import Module
 from handgrad.model import ModelConfig, build_model
 from handgrad.optim import make_optimizer
+from handgrad import replay
 from handgrad.replay import ReplayError, record
 
 from cli_run import QUICK, run_cli
@@ -54,6 +55,23 @@ def test_a_recording_refuses_what_a_replay_cannot_repeat(read):
         record(fn, x)
     assert calls == [1]  # the function still ran to its end, once
     torch.testing.assert_close(e.value.result, x * 2 + 1)
+
+
+def test_random_calls_draw_anew_on_each_replay(monkeypatch):
+    monkeypatch.setattr(replay, "RANDOM", set())  # random calls found by the generator's state alone
+    mean, std = torch.zeros(4), torch.ones(4)
+
+    def fn(x):
+        return torch.normal(mean, std) + torch.nn.functional.dropout(x, 0.5, training=True)
+
+    x = torch.ones(4)
+    torch.manual_seed(0)
+    eager = [fn(x) for _ in range(3)]
+    torch.manual_seed(0)
+    first, rec = record(fn, x)
+    replayed = [first, rec(x), rec(x)]
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))  # the same draws, in the same order
+    assert not torch.equal(replayed[1], replayed[2])
 
 
 def test_a_recording_must_return_tensors():

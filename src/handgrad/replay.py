@@ -52,9 +52,11 @@ METADATA_PROPERTIES = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", 
 # Tensor methods whose torch function has another name (the function takes `out=`).
 OPERATORS = {"__add__": "add", "__radd__": "add", "__sub__": "sub", "__mul__": "mul", "__rmul__": "mul",
              "__truediv__": "div", "__neg__": "neg", "__matmul__": "matmul", "__pow__": "pow"}
-# Functions that draw random numbers: calling one again while recording would draw more.
+# Functions that draw random numbers: calling one again while recording would draw more. (Any other
+# call that moves a default generator's state is found by comparing the states around it.)
 RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
-          "normal", "poisson", "dropout", "uniform_", "normal_"}
+          "normal", "poisson", "dropout", "rrelu", "uniform_", "normal_"}
+CONSTANT = re.compile(r"k\d+")  # how the generated code names a constant
 # Output shapes that depend on the values.
 VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nonzero_static"}
 
@@ -63,6 +65,14 @@ def _property_name(func) -> str | None:
     """The property's name when `func` is a tensor property's getter (`Tensor.shape.__get__`)."""
     owner = getattr(func, "__self__", None)
     return getattr(owner, "__name__", None) if getattr(func, "__name__", "") == "__get__" else None
+
+
+def _generator_states() -> list[torch.Tensor]:
+    """The default random-number generators' states: the CPU's, and each CUDA device's once CUDA is in use."""
+    states = [torch.default_generator.get_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return states
 
 
 def _is_tensor_seq(obj) -> bool:
@@ -75,7 +85,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.names = {id(t): f"a{i}" for i, t in enumerate(inputs)}
         self.alive = list(inputs)  # every tensor seen stays alive until the end: ids stay unique
-        self.lines: list[str] = []
+        self.lines: list[tuple[str, str, tuple | None]] = []  # (assignment, call, (call into a buffer, output))
         self.constants: list = []
         self.refused: str | None = None  # why a replay could not repeat the run; the run goes on regardless
 
@@ -92,7 +102,7 @@ class _Recorder(TorchFunctionMode):
             return self.names[id(obj)]
         if type(obj) in (list, tuple):
             parts = [self.ref(o) for o in obj]
-            if parts and all(p.startswith("k") for p in parts):  # constants only: one constant, not built each call
+            if parts and all(CONSTANT.fullmatch(p) for p in parts):  # constants only: one constant, not built each call
                 return self.const(type(obj)(obj))
             if type(obj) is list:
                 return "[" + ", ".join(parts) + "]"
@@ -115,12 +125,12 @@ class _Recorder(TorchFunctionMode):
             return f"{prop or name} reads a value into Python"
         return None
 
-    def written_into(self, func, args, kwargs, out):
+    def written_into(self, func, args, kwargs, out, drew: bool):
         """`func` again, writing into a buffer of the replay's own: the same function or, for a tensor
         method, torch's function of that name, with `out=`; kept where it gives the same tensor
-        (values and strides). Else None."""
+        (values and strides). Else None. `drew`: the call moved a generator's state."""
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") or name in RANDOM or "out" in kwargs or "generator" in kwargs or out._base is not None
+        if (drew or name.endswith("_") or name in RANDOM or "out" in kwargs or "generator" in kwargs or out._base is not None
                 or out.is_sparse or out.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in self.alive}):
             return None  # in place, random, already written into, a view, or memory seen before
         if func is getattr(torch, name, None):
@@ -142,18 +152,20 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.refused is not None:  # the run goes on, no longer recorded
+            return func(*args, **kwargs)
+        before = _generator_states()
         out = func(*args, **kwargs)
-        if self.refused is not None:
-            return out
+        drew = any(not torch.equal(a, b) for a, b in zip(before, _generator_states()))
         self.refused = self.refusal(func, args, out)
         tensor_out = isinstance(out, torch.Tensor) or (_is_tensor_seq(out) and len(out) > 0)
         if self.refused is not None or (not tensor_out and out is not None):
-            return out  # metadata: a constant of the batch shape, baked into the calls that use it
+            return out  # refused, or metadata: a constant of the batch shape, baked into the calls that use it
         arguments = [self.ref(a) for a in args] + [f"{k}={self.ref(v)}" for k, v in kwargs.items()]
         call = f"{self.const(func)}(" + ", ".join(arguments) + ")"
         outs = [out] if isinstance(out, torch.Tensor) else list(out) if tensor_out else []
         fresh = [f"t{len(self.lines)}_{i}" for i in range(len(outs))]
-        into = self.written_into(func, args, kwargs, out) if isinstance(out, torch.Tensor) else None
+        into = self.written_into(func, args, kwargs, out, drew) if isinstance(out, torch.Tensor) else None
         buffered = None
         if into is not None:
             fn, buf = into
