@@ -102,8 +102,11 @@ class Embedding(Module):
 
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
-        # one call (no flattening views); on a CPU it adds in the ids' order, as index_add_ does
-        self.grads["weight"].index_put_((self.saved["idx"],), dout, accumulate=True)
+        w, idx = self.grads["weight"], self.saved["idx"]
+        if w.device.type == "cpu":  # one call, no flattening views; it adds in the ids' order, as index_add_ does
+            w.index_put_((idx,), dout, accumulate=True)
+        else:  # on a GPU index_put_'s accumulating kernel cannot be recorded in a CUDA graph
+            w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
         return None
 
 
