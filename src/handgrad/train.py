@@ -18,9 +18,9 @@ import torch
 
 from . import checkpoint, diagnostics, fastpath
 from .data import SPLITS, make_dataset
-from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .divergence import DivergenceWatch
 from .errors import HandgradError
+from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .gradcheck import check_model, format_table, passed
 from .model import DEFAULTS, TRAINING, ModelConfig, build_model
 from .optim import learning_rate, make_optimizer
