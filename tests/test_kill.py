@@ -13,7 +13,9 @@ from cli_run import QUICK, assert_bit_identical, metrics, run_cli, weights
 
 from handgrad import checkpoint
 
-STEPS, SAVE_EVERY = 4000, 200
+# long enough that five kills, each at most a checkpoint and 0.15 s after the last, cannot reach the end
+# even at twice this machine's 5,000 steps/s (a run that ended before its kill could not be resumed)
+STEPS, SAVE_EVERY = 20_000, 200
 RUN = ["--steps", str(STEPS), "--save-every", str(SAVE_EVERY), *QUICK]
 
 
@@ -58,7 +60,7 @@ def test_kill_9_at_random_moments(tmp_path, capsys, straight_run):
     for attempt in range(5):
         proc = start(["train", "-o", out, *(RUN if attempt == 0 else ["--resume"])])
         wait_for_new_checkpoint(proc, out)
-        time.sleep(rng.uniform(0, 0.3))  # a random moment: mid-step, mid-log or mid-save
+        time.sleep(rng.uniform(0, 0.15))  # a random moment: mid-step, mid-log or mid-save (a save every ~40 ms)
         assert proc.poll() is None, f"seed {seed}: the run finished before kill {attempt + 1}"
         proc.kill()
         proc.wait()
