@@ -292,7 +292,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
             steps = max(r.chunk, int(rate * cfg.seconds) // r.chunk * r.chunk)
             r.run(steps)  # warm-up at the timed length
             runners[name] = (r, steps, first)
-            log(f"batch {batch}: {name} ready (first call {first:.1f}s), {steps} steps per round")
+            refused = getattr(getattr(r, "step", None), "fallback", None)  # a replay whose recording was refused
+            log(f"batch {batch}: {name} ready (first call {first:.1f}s), {steps} steps per round"
+                + (f"; its recording was refused ({refused}), so it times the eager step" if refused else ""))
         rates = {name: [] for name in runners}
         with gc_frozen():  # no full garbage collection lands in one implementation's round
             for i in range(cfg.rounds):
