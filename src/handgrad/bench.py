@@ -90,11 +90,12 @@ class ManualRunner(Runner):
     def __init__(self, *args):
         super().__init__(*args)
         self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
+        self.step = lambda x, y: manual_step(self.model, x, y)
 
     def run(self, n):
         with torch.inference_mode():  # the whole loop, as `handgrad train` runs the manual step
             for _ in range(n):
-                manual_step(self.model, *self.batch())
+                self.step(*self.batch())
                 self.optimizer.step(LR)
 
 
@@ -102,12 +103,6 @@ class ReplayRunner(ManualRunner):
     def __init__(self, *args):
         super().__init__(*args)
         self.step = ReplayStep(self.model)
-
-    def run(self, n):
-        with torch.inference_mode():
-            for _ in range(n):
-                self.step(*self.batch())
-                self.optimizer.step(LR)
 
 
 class CompiledRunner(Runner):

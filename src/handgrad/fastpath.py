@@ -43,7 +43,8 @@ from .errors import HandgradError
 from .optim import SGD
 from .replay import ReplayError, record
 
-IMPLS = ("eager", "replay", "compiled", "cudagraph", "auto")
+FAST_IMPLS = ("replay", "compiled", "cudagraph")  # the fast paths, each run through `compiled_train_step`
+IMPLS = ("eager", *FAST_IMPLS, "auto")
 
 
 def can_compile(optimizer) -> bool:
@@ -311,12 +312,12 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
     if impl not in IMPLS:
         raise HandgradError(f"unknown --impl {impl!r}: choose one of {', '.join(IMPLS)}")
     if grad != "manual":
-        if impl in ("replay", "compiled", "cudagraph"):
+        if impl in FAST_IMPLS:
             raise HandgradError(f"--impl {impl} speeds up the manual backward; it cannot run with --grad autograd")
         return "eager", "autograd gradients run eagerly"
     if impl == "cudagraph" and device != "cuda":
         raise HandgradError("--impl cudagraph needs --device cuda")
-    if impl in ("replay", "compiled", "cudagraph"):
+    if impl in FAST_IMPLS:
         if diagnostics:
             raise HandgradError(f"--diagnostics reads each layer's saved activations, which the {impl} step does not keep; "
                                 "use --impl eager")

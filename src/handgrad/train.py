@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     metrics_path = out_dir / checkpoint.METRICS
     metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
-    if impl in ("replay", "compiled", "cudagraph"):
+    if impl in fastpath.FAST_IMPLS:
         step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr))
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
