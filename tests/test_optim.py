@@ -7,7 +7,8 @@ import torch
 
 from handgrad.errors import HandgradError
 from handgrad.model import ModelConfig, build_model
-from handgrad.optim import SGD, AdamW, cosine_schedule, learning_rate, make_optimizer, step_schedule
+from handgrad.layers import packed
+from handgrad.optim import SGD, AdamW, cosine_schedule, learning_rate, make_optimizer, step_schedule, views_like
 
 SHAPES = [(5, 3), (4,), (2, 3, 2), ()]
 STEPS = 100
@@ -28,10 +29,19 @@ def lr_at(step):
     return 0.05 * (1 + math.cos(math.pi * step / STEPS)) / 2 + 1e-3
 
 
-def run_ours(make, steps=STEPS, schedule=True):
+def as_views(tensors):
+    """The tensors' values as views of one flat tensor, end to end (as `Sequential.flatten` lays out a model's)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return views_like(flat, tensors)
+
+
+def run_ours(make, steps=STEPS, schedule=True, flat=False):
     params = start_params()
     grads = [torch.zeros_like(p) for p in params]
+    if flat:
+        params, grads = as_views(params), as_views(grads)
     opt = make(params, grads)
+    assert (opt.flat is not None) == flat
     for step in range(steps):
         for i, (p, g) in enumerate(zip(params, grads)):
             g.copy_(gradient(p, step, i))
@@ -79,15 +89,38 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["per-parameter", "flat"])
 @pytest.mark.parametrize("schedule", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_torch_optim_over_100_steps(case, schedule):
+def test_matches_torch_optim_over_100_steps(case, schedule, flat):
     ours, theirs = CASES[case]
-    a, _ = run_ours(ours, schedule=schedule)
+    a, _ = run_ours(ours, schedule=schedule, flat=flat)
     b, _ = run_torch(theirs, schedule=schedule)
     start = start_params()
     assert max_diff(a, start) > 0.1  # the parameters really moved
     assert max_diff(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_flat_update_is_the_per_parameter_update_bit_for_bit(case):
+    """Parameters and gradients as views of one tensor each: the same elementwise ops on all of them
+    at once, so the same numbers as updating parameter by parameter."""
+    flat, opt = run_ours(CASES[case][0], flat=True)
+    each, _ = run_ours(CASES[case][0])
+    assert all(torch.equal(a, b) for a, b in zip(flat, each))
+    assert all(packed(ts) is opt.flat[name] for name, ts in opt.state.items())  # the state laid out alike
+
+
+def test_packed_finds_only_one_tensor_filled_end_to_end():
+    base = torch.arange(10.0)
+    a, b, c = base[:4].view(2, 2), base[4:9], base[9:]
+    assert packed([a, b, c]) is base
+    assert packed([a, b]) is None  # the end left out
+    assert packed([b, a, c]) is None  # out of order
+    assert packed([a, base[5:9], c]) is None  # a gap
+    assert packed([a, b.clone(), c]) is None  # not a view of it
+    assert packed([base[:10:2], base[1:10:2]]) is None  # not contiguous
+    assert packed([]) is None
 
 
 def test_a_wrong_update_is_caught():
@@ -160,6 +193,8 @@ def test_optimizer_holds_the_models_gradient_buffers():
         opt = make_optimizer(name, model, lr=0.1, weight_decay=0.01)
         assert [id(g) for g in opt.grads] == [id(g) for g in model.grads()]
         assert [id(p) for p in opt.params] == [id(p) for p in model.parameters()]
+        # and the one tensor that holds them all, and the one that holds every parameter
+        assert opt.flat["grads"] is model.grad_buffer and opt.flat["params"] is model.param_buffer
     opt = make_optimizer("adamw", model, lr=0.1, weight_decay=0.01)
     decayed = {n for (n, _), wd in zip(model.named_parameters(), opt.weight_decay) if wd}
     assert decayed == {"embedding.weight", "linear1.weight", "linear2.weight", "linear3.weight"}

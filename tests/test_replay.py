@@ -9,7 +9,7 @@ import torch
 from handgrad.divergence import DivergenceWatch
 from handgrad.errors import HandgradError
 from handgrad.fastpath import ReplayStep, compiled_train_step, manual_step
-from handgrad.layers import Module
+from handgrad.layers import Module, packed
 from handgrad.model import ModelConfig, build_model
 from handgrad.optim import make_optimizer
 from handgrad import replay
@@ -37,6 +37,26 @@ def test_a_recording_replays_the_calls_on_new_inputs():
     out3 = rec(x1)
     assert out3 is not out2 and torch.equal(out3, first)  # what it returns is new each call, never a reused buffer
     assert "out=" in rec.source and rec.calls == 6
+
+
+def test_a_view_of_persistent_tensors_is_made_once_and_writes_stay_calls():
+    w = torch.randn(5, 3)
+    buf = torch.zeros(4, 3)
+
+    def fn(x):
+        w.T.add_(0)  # in place through a view: a call, every replay
+        y = torch.mm(x, w.T.T, out=buf)  # w.T.T: views of w alone, made once; the write into buf: a call
+        w.view(-1).add_(1)  # in place on a view of w: a call
+        return y * w[0]  # w[0]: a view of w alone, made once
+
+    x = torch.randn(4, 5)
+    w0 = w.clone()
+    _, rec = record(fn, x)
+    assert rec.source.count("\n        ") == 5  # mm, add_ (twice), mul, return: no view made in the replay
+    rec(x)
+    torch.testing.assert_close(w, w0 + 2, rtol=0, atol=0)  # both replayed updates happened
+    torch.testing.assert_close(rec(x), torch.mm(x, w0 + 2) * (w0[0] + 3), rtol=0, atol=0)  # mm, then w += 1
+    assert w.T.T.data_ptr() == w.data_ptr()
 
 
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: float(t.sum()), lambda t: bool(t.max() > 0),
@@ -163,17 +183,35 @@ def test_train_replay_and_eager_log_the_same_run(tmp_path, capsys):
     assert rc == 0 and "manual gradients, replay (auto: at batch 32" in text
 
 
-def test_gradient_buffers_are_views_of_one_tensor():
+def test_parameters_and_gradient_buffers_are_views_of_one_tensor_each():
     model = build_model(CONFIGS["deep-mlp"])
-    flat = model.grad_buffer
-    assert flat.numel() == sum(g.numel() for g in model.grads())
-    flat.fill_(1.0)
-    assert all(bool((g == 1).all()) for g in model.grads())
-    model.zero_grad()
-    assert not flat.any()
-    model.to(dtype=torch.float64)  # moved: the buffers are gathered again
-    assert model.grad_buffer.dtype == torch.float64 and all(g.dtype == torch.float64 for g in model.grads())
-    assert model.grad_buffer.untyped_storage().data_ptr() == model.grads()[0].untyped_storage().data_ptr()
+    values = [p.clone() for p in model.parameters()]
+    model.to(dtype=torch.float64)  # moved: gathered again, the values kept
+    assert all(torch.equal(p, v.double()) for p, v in zip(model.parameters(), values))
+    for flat, tensors in ((model.param_buffer, model.parameters()), (model.grad_buffer, model.grads())):
+        assert packed(tensors) is flat and flat.dtype == torch.float64
+        flat.fill_(1.0)
+        assert all(bool((t == 1).all()) for t in tensors)
+    model.zero_grad()  # one op on the flat buffer
+    assert not model.grad_buffer.any() and all(not g.any() for g in model.grads())
+    model.net.to()  # the layers may hold new tensors: the net forgets the flat ones
+    assert model.grad_buffer is None and model.param_buffer is None
+    model.grads()[0].fill_(2.0)
+    model.zero_grad()  # buffer by buffer
+    assert not model.grads()[0].any()
+
+
+def test_a_tensor_shared_by_two_layers_is_not_flattened():
+    model = build_model(CONFIGS["mlp"])
+    net = model.net
+    net.layers["linear2"].params["bias"] = net.layers["linear2"].params["bias"].clone()  # out of the flat tensor
+    net.layers["batchnorm1"].params["bias"] = net.layers["linear2"].params["bias"][:0]  # an odd share, flattened apart
+    tied = net.layers["linear1"].params["weight"].clone()
+    net.layers["linear1"].params["weight"] = tied
+    net.layers["embedding"].params["weight"] = tied  # tied weights: copies would part them
+    net.flatten()
+    assert net.param_buffer is None and net.layers["embedding"].params["weight"] is tied
+    assert net.grad_buffer is not None
 
 
 @pytest.mark.parametrize("with_buffer", [True, False])

@@ -13,6 +13,19 @@ from __future__ import annotations
 import torch
 
 
+def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one 1-D tensor that `tensors`, views of it, fill end to end in their order; else None."""
+    base = tensors[0]._base if tensors else None
+    if base is None or base.ndim != 1 or not base.is_contiguous():
+        return None
+    at = base.data_ptr()
+    for t in tensors:
+        if t._base is not base or not t.is_contiguous() or t.data_ptr() != at:
+            return None
+        at += t.numel() * t.element_size()
+    return base if at == base.data_ptr() + base.numel() * base.element_size() else None
+
+
 def zero_all(tensors: list[torch.Tensor]) -> None:
     if torch.compiler.is_compiling():  # the compiler fuses these into its kernels
         for t in tensors:
@@ -513,6 +526,9 @@ class Sequential(Module):
         self.outputs: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self.grad_list = [g for _, g in self.named_grads()]  # the buffers stay the same tensors until `to`
+        # one tensor each holding every parameter and every gradient buffer, once `flatten` has made them
+        self.param_buffer: torch.Tensor | None = None
+        self.grad_buffer: torch.Tensor | None = None
 
     def forward(self, x):
         for name, layer in self.layers.items():
@@ -551,7 +567,10 @@ class Sequential(Module):
             yield from layer.named_intermediate_grads(f"{prefix}{name}.")
 
     def zero_grad(self) -> None:
-        zero_all(self.grad_list)
+        if self.grad_buffer is not None and not torch.compiler.is_compiling():  # one op for every buffer
+            self.grad_buffer.zero_()
+        else:
+            zero_all(self.grad_list)
 
     def clear_saved(self) -> None:
         self.outputs.clear()
@@ -569,19 +588,26 @@ class Sequential(Module):
         for layer in self.layers.values():
             layer.to(device, dtype)
         self.grad_list = [g for _, g in self.named_grads()]
+        self.param_buffer = self.grad_buffer = None  # the layers may hold new tensors now
         return self
 
-    def flatten_grads(self) -> torch.Tensor | None:
-        """Move the layers' gradient buffers into one tensor, each buffer becoming a view of its part
-        (same shapes, same values), so that one op reads every gradient; returns that tensor (None
-        where the buffers differ in device or dtype). Call before anything holds the old buffers."""
-        owned = [(layer.grads, name, g) for layer in self.layers.values() for name, g in layer.grads.items()]
-        if not owned or len({(g.device, g.dtype) for _, _, g in owned}) != 1:
-            return None
-        flat = owned[0][2].new_empty(sum(g.numel() for _, _, g in owned))
-        start = 0
-        for grads, name, g in owned:
-            grads[name] = flat[start:start + g.numel()].view(g.shape).copy_(g)
-            start += g.numel()
+    def flatten(self) -> None:
+        """Move the layers' parameters into one tensor, `param_buffer`, and their gradient buffers into
+        another, `grad_buffer`, in the same order, each parameter and buffer becoming a view of its part
+        (same shapes, same values): one op then zeroes every gradient, and one updates every parameter
+        (optimizers find the two tensors by themselves). Where the tensors differ in device or dtype
+        they stay as they are. Call before anything holds the old tensors (an optimizer, a recording)."""
+        self.param_buffer = self._flatten("params")
+        self.grad_buffer = self._flatten("grads")
         self.grad_list = [g for _, g in self.named_grads()]
+
+    def _flatten(self, kind: str) -> torch.Tensor | None:
+        owned = [(getattr(layer, kind), name, t) for layer in self.layers.values() for name, t in getattr(layer, kind).items()]
+        if not owned or len({(t.device, t.dtype) for _, _, t in owned}) != 1 or len({id(t) for _, _, t in owned}) != len(owned):
+            return None  # mixed devices or dtypes, or a tensor shared by two layers (copies would part them)
+        flat = owned[0][2].new_empty(sum(t.numel() for _, _, t in owned))
+        start = 0
+        for tensors, name, t in owned:
+            tensors[name] = flat[start:start + t.numel()].view(t.shape).copy_(t)
+            start += t.numel()
         return flat

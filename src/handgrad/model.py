@@ -50,7 +50,6 @@ class Model:
         self.config = config
         self.net = net
         self.loss_fn = CrossEntropyStepwise() if config.stepwise else CrossEntropy()
-        self.grad_buffer: torch.Tensor | None = None  # every gradient buffer, where `to` has put them in one tensor
 
     def forward(self, idx, targets=None):
         """Logits for `idx`; with `targets`, the mean cross-entropy loss instead."""
@@ -109,10 +108,21 @@ class Model:
         return self.net.training
 
     def to(self, device=None, dtype=None) -> "Model":
-        """Move the model; its gradient buffers end up as views of one tensor, `grad_buffer`."""
+        """Move the model; its parameters end up as views of one tensor, `param_buffer`, and its
+        gradient buffers as views of another, `grad_buffer` (`Sequential.flatten`)."""
         self.net.to(device, dtype)
-        self.grad_buffer = self.net.flatten_grads()
+        self.net.flatten()
         return self
+
+    @property
+    def param_buffer(self) -> torch.Tensor | None:
+        """Every parameter, where `to` has put them in one tensor."""
+        return self.net.param_buffer
+
+    @property
+    def grad_buffer(self) -> torch.Tensor | None:
+        """Every gradient buffer, where `to` has put them in one tensor."""
+        return self.net.grad_buffer
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers (BatchNorm running statistics) by name."""

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .errors import HandgradError
+from .layers import packed
 
 OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -32,7 +33,27 @@ class Optimizer:
                 raise ValueError(f"a gradient buffer of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
         self.params, self.grads, self.lr = params, grads, lr
         self.step_count = 0  # a Python number: counting costs no tensor op (the checkpoint stores it as a tensor)
-        self.state: dict[str, list[torch.Tensor]] = {n: [torch.zeros_like(p) for p in params] for n in self.state_names}
+        # Where one tensor holds every parameter and another every gradient buffer in the same order
+        # (`Sequential.flatten`), the state is laid out the same way and an update is a few ops on the
+        # three flat tensors, whatever the number of parameters: `flat` holds them, else it is None.
+        flat_params, flat_grads = packed(params), packed(grads)
+        self.flat: dict[str, torch.Tensor] | None = None
+        if flat_params is not None and flat_grads is not None and flat_params.shape == flat_grads.shape:
+            self.flat = {"params": flat_params, "grads": flat_grads}
+        self.state: dict[str, list[torch.Tensor]] = {}
+        for name in self.state_names:
+            if self.flat is None:
+                self.state[name] = [torch.zeros_like(p) for p in params]
+            else:
+                self.flat[name] = torch.zeros_like(flat_params)
+                self.state[name] = views_like(self.flat[name], params)
+
+    def tensors(self, *state_names: str, flat: bool = True):
+        """(parameter, gradient, *state) to update alike: the three flat tensors once, where there are
+        such (and `flat`), else each parameter's own."""
+        if flat and self.flat is not None:
+            return [tuple(self.flat[n] for n in ("params", "grads", *state_names))]
+        return list(zip(self.params, self.grads, *(self.state[n] for n in state_names)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
@@ -62,15 +83,24 @@ class Optimizer:
         """Count the step, then update every parameter from its gradient buffer (at `lr`, or the optimizer's)."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
-        if any(p.requires_grad for p in self.params):  # the update is not part of any graph
+        if torch.is_grad_enabled():  # the update is not part of any graph
             with torch.no_grad():
                 self.update(lr)
-        else:
-            self.update(lr)  # plain tensors record nothing: no context to enter (nor leave: that slows later ops)
+        else:  # no context to enter, nor to leave (in inference mode, leaving one slows the next step's ops)
+            self.update(lr)
 
     def update(self, lr: float) -> None:
         """The update of step number `step_count`, which `step` has counted."""
         raise NotImplementedError
+
+
+def views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat`, end to end, of the shapes of `tensors`."""
+    views, start = [], 0
+    for t in tensors:
+        views.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return views
 
 
 def per_parameter(value: float | list[float], n: int) -> list[float]:
@@ -96,16 +126,21 @@ class SGD(Optimizer):
     def update(self, lr: float) -> None:
         """The update of `step`, which reads no step count: what the fast paths record in their graphs
         (a Python counter changed inside one would be a new constant each call); they count the steps."""
-        if not self.momentum and not any(self.weight_decay):  # plain SGD: one call updates every parameter
-            torch._foreach_add_(self.params, self.grads, alpha=-lr)
+        # the flat tensors where every parameter has the same decay; compiled, the per-parameter ops fuse
+        flat = self.flat is not None and len(set(self.weight_decay)) == 1 and not torch.compiler.is_compiling()
+        if not self.momentum and not any(self.weight_decay):
+            if flat:  # plain SGD on the flat tensors: one op
+                self.flat["params"].add_(self.flat["grads"], alpha=-lr)
+            else:  # one call updates every parameter
+                torch._foreach_add_(self.params, self.grads, alpha=-lr)
             return
-        for i, (p, g, wd) in enumerate(zip(self.params, self.grads, self.weight_decay)):
-            if wd:
-                g = g.add(p, alpha=wd)
+        state = ("momentum_buffer",) if self.momentum else ()
+        for (p, g, *v), d in zip(self.tensors(*state, flat=flat), self.weight_decay):
+            if d:
+                g = g.add(p, alpha=d)
             if self.momentum:
-                v = self.state["momentum_buffer"][i]
-                v.mul_(self.momentum).add_(g)  # v starts at zero, so the first step sets v = g exactly
-                g = v
+                v[0].mul_(self.momentum).add_(g)  # v starts at zero, so the first step sets v = g exactly
+                g = v[0]
             p.add_(g, alpha=-lr)
 
 
@@ -133,10 +168,10 @@ class AdamW(Optimizer):
         b1, b2 = self.betas
         step_size = lr / (1 - b1**t)
         rsqrt_bc2 = 1 / math.sqrt(1 - b2**t)
-        for p, g, m, v, wd in zip(self.params, self.grads, self.state["exp_avg"], self.state["exp_avg_sq"],
-                                  self.weight_decay):
+        for p, wd in zip(self.params, self.weight_decay):
             if wd:
                 p.mul_(1 - lr * wd)
+        for p, g, m, v in self.tensors("exp_avg", "exp_avg_sq", flat=not torch.compiler.is_compiling()):
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() * rsqrt_bc2).add_(self.eps)

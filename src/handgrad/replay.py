@@ -12,7 +12,9 @@ step's, with none of the Python in between. Where a call makes a new tensor and
 the same function (or, for a tensor method, torch's function of that name)
 can write it into a given tensor (`out=`) with the same result, the replay
 writes it into a buffer made at recording, reused every call: no allocation.
-What the recorded function returns is never such a buffer.
+What the recorded function returns is never such a buffer. A view of persistent
+tensors only (a weight's transpose, say) is the same view every call: it is made
+once, at recording, and the replay uses it as it uses the persistent tensors.
 
 What a recording refuses (`ReplayError`), since a replay could not repeat it:
 - a value read into Python (`.item()`, `float(t)`, `bool(t)`, ...): the Python
@@ -22,7 +24,8 @@ What a recording refuses (`ReplayError`), since a replay could not repeat it:
 Shapes, strides and other metadata may be read: they are constants of the
 batch shape, and a new batch shape is recorded anew. The persistent tensors
 are referred to by identity: they must stay the same tensor objects (updated
-in place) for as long as the recording is replayed.
+in place, their shapes and strides unchanged) for as long as the recording is
+replayed.
 """
 from __future__ import annotations
 
@@ -150,6 +153,17 @@ class _Recorder(TorchFunctionMode):
             return None
         return fn, buf
 
+    def persistent_view(self, func, args, kwargs, out: torch.Tensor) -> bool:
+        """Whether `out` is a view of the call's tensors, all of them persistent (made before the step):
+        then every call would make the same view (the metadata of persistent tensors stays put)."""
+        name = getattr(func, "__name__", "")
+        if "out" in kwargs or (name.endswith("_") and not name.startswith("__")) or not out._is_view():
+            return False  # writes into a tensor, or is no view
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        return (bool(tensors) and out.numel() > 0 and all(out is not t for t in tensors)  # in place: returns its input
+                and all(id(t) not in self.names or CONSTANT.fullmatch(self.names[id(t)]) for t in tensors)
+                and any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in tensors))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.refused is not None:  # the run goes on, no longer recorded
@@ -161,6 +175,10 @@ class _Recorder(TorchFunctionMode):
         tensor_out = isinstance(out, torch.Tensor) or (_is_tensor_seq(out) and len(out) > 0)
         if self.refused is not None or (not tensor_out and out is not None):
             return out  # refused, or metadata: a constant of the batch shape, baked into the calls that use it
+        if isinstance(out, torch.Tensor) and not drew and self.persistent_view(func, args, kwargs, out):
+            self.names.setdefault(id(out), self.const(out))  # made once, here: a constant of the replay
+            self.alive.append(out)
+            return out
         arguments = [self.ref(a) for a in args] + [f"{k}={self.ref(v)}" for k, v in kwargs.items()]
         call = f"{self.const(func)}(" + ", ".join(arguments) + ")"
         outs = [out] if isinstance(out, torch.Tensor) else list(out) if tensor_out else []
