@@ -26,7 +26,9 @@ hg() { "$py" -m handgrad "$@"; }
 
 nvidia-smi -L
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpath.py tests/test_layers.py tests/test_replay.py
+# the tests that need the GPU (the rest run on a CPU, in CI)
+step tests "$py" -m pytest -q -p no:cacheprovider -k "cuda or cudagraph" tests/test_cuda.py tests/test_fastpath.py \
+    tests/test_replay.py
 step check-mlp hg check --device cuda --dtype float64 "${data[@]}"
 step check-wavenet hg check --device cuda --dtype float64 --model wavenet "${data[@]}"
 for impl in auto eager replay; do  # auto takes the CUDA graph on a GPU
