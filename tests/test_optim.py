@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from handgrad.errors import HandgradError
+from handgrad.layers import packed, views_like
 from handgrad.model import ModelConfig, build_model
-from handgrad.layers import packed
-from handgrad.optim import SGD, AdamW, cosine_schedule, learning_rate, make_optimizer, step_schedule, views_like
+from handgrad.optim import SGD, AdamW, cosine_schedule, learning_rate, make_optimizer, step_schedule
 
 SHAPES = [(5, 3), (4,), (2, 3, 2), ()]
 STEPS = 100

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .errors import HandgradError
+from .layers import packed
 
 MAX_PENDING = 1000  # steps between forced checks, however rarely the loop logs
 
@@ -33,8 +34,7 @@ class DivergenceWatch:
         self.left_on_disk = left_on_disk
         self.pending: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []
         self.now = all(g.device.type == "cpu" for g in self.grads)  # check each step as it ends
-        covered = grad_buffer is not None and sum(g.numel() for g in self.grads) == grad_buffer.numel() and all(
-            g.untyped_storage().data_ptr() == grad_buffer.untyped_storage().data_ptr() for g in self.grads)
+        covered = grad_buffer is not None and packed(self.grads) is grad_buffer  # the buffers fill it, nothing else
         self.sums = [grad_buffer] if covered else self.grads
 
     def observe(self, step: int, loss: torch.Tensor) -> None:

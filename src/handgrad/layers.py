@@ -26,6 +26,15 @@ def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base if at == base.data_ptr() + base.numel() * base.element_size() else None
 
 
+def views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat`, end to end, of the shapes of `tensors` (what `packed` finds again)."""
+    views, start = [], 0
+    for t in tensors:
+        views.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return views
+
+
 def zero_all(tensors: list[torch.Tensor]) -> None:
     if torch.compiler.is_compiling():  # the compiler fuses these into its kernels
         for t in tensors:
@@ -606,8 +615,6 @@ class Sequential(Module):
         if not owned or len({(t.device, t.dtype) for _, _, t in owned}) != 1 or len({id(t) for _, _, t in owned}) != len(owned):
             return None  # mixed devices or dtypes, or a tensor shared by two layers (copies would part them)
         flat = owned[0][2].new_empty(sum(t.numel() for _, _, t in owned))
-        start = 0
-        for tensors, name, t in owned:
-            tensors[name] = flat[start:start + t.numel()].view(t.shape).copy_(t)
-            start += t.numel()
+        for (tensors, name, t), view in zip(owned, views_like(flat, [t for _, _, t in owned])):
+            tensors[name] = view.copy_(t)
         return flat

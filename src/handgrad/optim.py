@@ -13,7 +13,7 @@ import math
 import torch
 
 from .errors import HandgradError
-from .layers import packed
+from .layers import packed, views_like
 
 OPTIMIZERS = ("sgd", "momentum", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -94,15 +94,6 @@ class Optimizer:
         raise NotImplementedError
 
 
-def views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of `flat`, end to end, of the shapes of `tensors`."""
-    views, start = [], 0
-    for t in tensors:
-        views.append(flat[start:start + t.numel()].view(t.shape))
-        start += t.numel()
-    return views
-
-
 def per_parameter(value: float | list[float], n: int) -> list[float]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
@@ -122,12 +113,13 @@ class SGD(Optimizer):
         super().__init__(params, grads, lr)
         self.momentum = momentum
         self.weight_decay = per_parameter(weight_decay, len(self.params))
+        self.one_decay = len(set(self.weight_decay)) == 1  # then the flat tensors can be updated as one
 
     def update(self, lr: float) -> None:
         """The update of `step`, which reads no step count: what the fast paths record in their graphs
         (a Python counter changed inside one would be a new constant each call); they count the steps."""
         # the flat tensors where every parameter has the same decay; compiled, the per-parameter ops fuse
-        flat = self.flat is not None and len(set(self.weight_decay)) == 1 and not torch.compiler.is_compiling()
+        flat = self.flat is not None and self.one_decay and not torch.compiler.is_compiling()
         if not self.momentum and not any(self.weight_decay):
             if flat:  # plain SGD on the flat tensors: one op
                 self.flat["params"].add_(self.flat["grads"], alpha=-lr)
