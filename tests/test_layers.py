@@ -78,10 +78,15 @@ def test_batchnorm_eval_uses_running_stats(cls, shape):
 
 
 @pytest.mark.parametrize("shape", [(8, 3), (4, 5, 3)])
-def test_batchnorm_running_stats_update(shape):
-    layer = f64(BatchNorm1d(shape[-1], momentum=0.01))
+@pytest.mark.parametrize("eps,later", [(1e-5, None), (0.5, None), (1e-5, 0.5)])
+def test_batchnorm_running_stats_update(shape, eps, later):
+    layer = f64(BatchNorm1d(shape[-1], eps=eps, momentum=0.01))
+    if later is not None:  # eps changed after the layer was made: its tensor form follows
+        layer.eps = later
+    assert layer.eps_tensor.dtype == torch.float64 and layer.eps_tensor.item() == layer.eps
     x = randn(*shape) * 2 + 3
-    layer.forward(x)
+    with torch.no_grad():
+        layer.forward(x)
     dims = tuple(range(x.ndim - 1))
     torch.testing.assert_close(layer.buffers["running_mean"], 0.01 * x.mean(dims))
     torch.testing.assert_close(layer.buffers["running_var"], 0.99 + 0.01 * x.var(dims, correction=0))

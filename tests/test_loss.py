@@ -32,6 +32,33 @@ def test_cross_entropy_matches_autograd_and_fd(cls, n, v):
     assert compare("logits", "fd", dlogits.view(-1), numeric, 1e-9).close
 
 
+@pytest.mark.parametrize("n,v,dloss", [(1, 2, 1.0), (32, 27, 1.0), (30, 27, 1.0), (7, 3, 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_backward_paths_agree_bit_for_bit(monkeypatch, n, v, dloss, dtype):
+    """Eager on a CPU the backward multiplies by tensors it keeps (scale, -scale, the row numbers);
+    compiled, or on a GPU, by Python numbers. Both give the same bits."""
+    g = torch.Generator().manual_seed(n + v)
+    logits = torch.randn(n, v, generator=g, dtype=dtype) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    loss_fn = CrossEntropy()
+    with torch.inference_mode():
+        loss_fn.forward(logits, targets)
+        kept = loss_fn.backward(dloss)
+        again = loss_fn.backward(dloss)  # the tensors made on the first call, used again
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the other path, run eagerly
+        scalar = loss_fn.backward(dloss)
+    assert torch.equal(kept, scalar) and torch.equal(again, scalar)
+    assert len(loss_fn._constants) == 1 and next(iter(loss_fn._constants.values()))[0].dtype == dtype
+
+
+def test_cross_entropy_keeps_few_constants():
+    loss_fn = CrossEntropy()
+    for n in range(1, 40):
+        loss_fn.forward(torch.randn(n, 5), torch.randint(0, 5, (n,)))
+        loss_fn.backward()
+    assert 1 <= len(loss_fn._constants) <= 8
+
+
 @pytest.mark.parametrize("cls,logits", [
     # large logits overflow a plain exp; both forms subtract the row max
     (CrossEntropyStepwise, [[1000.0, 990.0, 995.0], [5000.0, 5001.0, 4999.0]]),

@@ -59,6 +59,32 @@ def test_a_view_of_persistent_tensors_is_made_once_and_writes_stay_calls():
     assert w.T.T.data_ptr() == w.data_ptr()
 
 
+def test_a_tensor_made_from_numbers_and_left_as_made_is_made_once():
+    cache = {}
+
+    def fn(x):
+        if "rows" not in cache:  # a layer's constants, made on first use (the recording)
+            cache["rows"], cache["half"] = torch.arange(x.shape[0]), torch.tensor(0.5)
+        acc = torch.zeros(x.shape[1])  # made from numbers, then written: a call, every replay
+        acc.add_(x.sum(0))
+        ones = torch.ones(x.shape[1])  # returned: a call, never a tensor shared between calls
+        scratch = torch.empty(x.shape[0])  # values undefined until written: a call
+        torch.mul(x[:, 0], 2, out=scratch)
+        return x[cache["rows"]].mul(cache["half"]) + acc + scratch[:, None], ones
+
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    first, rec = record(fn, x1)
+    made = [c for c in rec.fn.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+    assert any(c.cell_contents is cache["rows"] for c in made) and any(c.cell_contents is cache["half"] for c in made)
+    # zeros, sum, add_, ones, empty, select, mul, index, mul, add, [:, None], add: not arange, not tensor
+    assert rec.calls == 12
+    for x in (x2, x1, x2):
+        out, ones = rec(x)
+        torch.testing.assert_close(out, x * 0.5 + x.sum(0) + 2 * x[:, :1], rtol=0, atol=0)
+        assert torch.equal(ones, torch.ones(3)) and ones is not first[1]
+        ones.add_(1)  # the caller's to change: the next call's is new
+
+
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: float(t.sum()), lambda t: bool(t.max() > 0),
                                   lambda t: t.tolist(), lambda t: t[t > 0], lambda t: t.nonzero()])
 def test_a_recording_refuses_what_a_replay_cannot_repeat(read):

@@ -9,6 +9,10 @@ from .layers import Module
 class CrossEntropy(Module):
     """Mean negative log-likelihood of the targets under softmax(logits); fused backward."""
 
+    def __init__(self):
+        super().__init__()
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
     def forward(self, logits, targets):
         if logits.ndim != 2 or targets.ndim != 1:  # (batch, time) rows are one list
             logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
@@ -22,8 +26,26 @@ class CrossEntropy(Module):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
         n = targets.shape[0]
         scale = dloss / n
-        # the target's column gets -scale added: a scalar scatter, no tensor of -scale built for it
+        if logprobs.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager on a CPU: scale, -scale and the row numbers as tensors made once (wrapping a Python
+            # number into a tensor costs more than the multiply), the target's column by row and target
+            scale_t, minus_scale, rows = self.constants(scale, logprobs)
+            return logprobs.exp().mul_(scale_t).index_put_((rows, targets), minus_scale, accumulate=True)
+        # compiled, the numbers are constants of the graph; on a GPU, a scalar scatter (a CUDA graph
+        # can record it, not index_put_'s accumulating kernel)
         return logprobs.exp().mul_(scale).scatter_(1, targets.view(-1, 1), -scale, reduce="add")
+
+    def constants(self, scale: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """scale and -scale (dtype and device of `like`) and the row numbers 0..N-1, made on first use."""
+        key = (scale, like.shape[0], like.dtype, like.device)
+        made = self._constants.get(key)
+        if made is None:
+            if len(self._constants) >= 8:  # batch sizes come and go (the last, shorter batch of an epoch)
+                self._constants.clear()
+            made = self._constants[key] = (torch.tensor(scale, dtype=like.dtype, device=like.device),
+                                           torch.tensor(-scale, dtype=like.dtype, device=like.device),
+                                           torch.arange(like.shape[0], device=like.device))
+        return made
 
 
 class CrossEntropyStepwise(CrossEntropy):

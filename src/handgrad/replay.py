@@ -16,6 +16,11 @@ What the recorded function returns is never such a buffer. A view of persistent
 tensors only (a weight's transpose, say) is the same view every call: it is made
 once, at recording, and the replay uses it as it uses the persistent tensors.
 
+A tensor made from Python values alone (a factory call such as `torch.tensor`,
+`torch.full` or `torch.arange`, drawing no random numbers) that the step leaves as
+it was made, and does not return, is likewise the same every call: made once, at
+recording (a layer's cached constant, say).
+
 What a recording refuses (`ReplayError`), since a replay could not repeat it:
 - a value read into Python (`.item()`, `float(t)`, `bool(t)`, ...): the Python
   that read it could branch on it;
@@ -62,6 +67,8 @@ RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "ra
 CONSTANT = re.compile(r"k\d+")  # how the generated code names a constant
 # Output shapes that depend on the values.
 VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nonzero_static"}
+# Factory calls whose values are undefined: never taken for constants.
+UNINITIALISED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
 
 
 def _property_name(func) -> str | None:
@@ -91,6 +98,8 @@ class _Recorder(TorchFunctionMode):
         self.lines: list[tuple[str, str, tuple | None]] = []  # (assignment, call, (call into a buffer, output))
         self.constants: list = []
         self.refused: str | None = None  # why a replay could not repeat the run; the run goes on regardless
+        self.made: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # factory outputs by name: (tensor, as made)
+        self.written: set[int] = set()  # the storages that calls wrote into (in place, out=)
 
     def const(self, obj) -> str:
         self.constants.append(obj)
@@ -164,10 +173,23 @@ class _Recorder(TorchFunctionMode):
                 and all(id(t) not in self.names or CONSTANT.fullmatch(self.names[id(t)]) for t in tensors)
                 and any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in tensors))
 
+    def factory_made(self, func, args, kwargs, out, drew: bool) -> bool:
+        """Whether `out` was made from Python values alone: a factory call, no tensor among its arguments,
+        no random draw, its values defined."""
+        name = getattr(func, "__name__", "")
+        return (isinstance(out, torch.Tensor) and not drew and name not in UNINITIALISED and name not in RANDOM
+                and not name.endswith("_") and "out" not in kwargs and not out.is_sparse
+                and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves((args, kwargs))))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.refused is not None:  # the run goes on, no longer recorded
             return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and (not name.startswith("__") or name.startswith("__i") or name == "__setitem__")
+        for t in torch.utils._pytree.tree_leaves(([args[0]] if in_place and args else [], kwargs.get("out"))):
+            if isinstance(t, torch.Tensor) and not t.is_sparse:
+                self.written.add(t.untyped_storage().data_ptr())
         before = _generator_states()
         out = func(*args, **kwargs)
         drew = any(not torch.equal(a, b) for a, b in zip(before, _generator_states()))
@@ -197,21 +219,35 @@ class _Recorder(TorchFunctionMode):
             # an in-place call returns its input: keep the name it had (a constant stays a constant)
             self.names.setdefault(id(t), n)
             self.alive.append(t)
+        if self.factory_made(func, args, kwargs, out, drew):
+            self.made[fresh[0]] = (out, out.clone())
         return out
 
     def code(self, returned: list[torch.Tensor], result: str) -> list[str]:
         """The recorded lines, `result` the returned expression. A call writes into its buffer unless
-        what the function returns lives there; results that nothing reads are not assigned."""
+        what the function returns lives there; results that nothing reads are not assigned. A factory
+        output left as it was made, and not returned, becomes a constant: its call is dropped."""
         kept = {t.untyped_storage().data_ptr() for t in returned}
+        made = {name: self.const(t) for name, (t, first) in self.made.items()
+                if t.untyped_storage().data_ptr() not in kept | self.written and t.shape == first.shape
+                and t.stride() == first.stride() and torch.equal(t, first)}
+        lines = [(assign, call, buffered) for assign, call, buffered in self.lines
+                 if not any(re.fullmatch(rf"{name} = ", assign) for name in made)]
+        if made:  # the constant's name for the name its call assigned
+            swap = re.compile(r"\b(" + "|".join(made) + r")\b")
+            lines = [(assign, swap.sub(lambda m: made[m.group(1)], call),
+                      None if buffered is None else (swap.sub(lambda m: made[m.group(1)], buffered[0]), buffered[1]))
+                     for assign, call, buffered in lines]
         calls = [buffered[0] if buffered is not None and buffered[1].untyped_storage().data_ptr() not in kept else call
-                 for _, call, buffered in self.lines]
+                 for _, call, buffered in lines]
         read = set(re.findall(r"\bt\d+_\d+\b", " ".join(calls + [result])))
         return [assign + call if read & set(re.findall(r"\bt\d+_\d+\b", assign)) else call
-                for (assign, _, _), call in zip(self.lines, calls)]
+                for (assign, _, _), call in zip(lines, calls)]
 
 
 class Recording:
-    """A function recorded by `record`: call it with tensors of the recorded shapes."""
+    """A function recorded by `record`: call it with tensors of the recorded shapes. `calls`: how
+    many torch calls one replay makes."""
 
     def __init__(self, source: str, fn, calls: int):
         self.source, self.fn, self.calls = source, fn, calls
@@ -238,11 +274,12 @@ def record(fn, *inputs) -> tuple[object, Recording]:
     if not isinstance(result, torch.Tensor):
         returned = f"[{returned}]" if type(result) is list else f"({returned},)"
     params = ", ".join(f"a{i}" for i in range(len(inputs)))
-    body = "\n".join(f"        {line}" for line in rec.code(results, returned)) or "        pass"
+    lines = rec.code(results, returned)
+    body = "\n".join(f"        {line}" for line in lines) or "        pass"
     # the constants become the closure's cells: faster to read than globals, once per call
     source = (f"def bind({', '.join(f'k{i}' for i in range(len(rec.constants)))}):\n"
               f"    def replay({params}):\n{body}\n        return {returned}\n    return replay\n")
     namespace: dict = {}
     exec(compile(source, "<handgrad replay>", "exec"), namespace)
-    return result, Recording(source, namespace["bind"](*rec.constants), len(rec.lines))
+    return result, Recording(source, namespace["bind"](*rec.constants), len(lines))
 
