@@ -85,6 +85,21 @@ def test_a_tensor_made_from_numbers_and_left_as_made_is_made_once():
         ones.add_(1)  # the caller's to change: the next call's is new
 
 
+def test_a_tensor_made_from_numbers_and_written_stays_a_call_even_if_put_back():
+    def fn(x):
+        z = torch.full((3,), 0.1)
+        y = z * 2
+        big = x.sum(0) * 1e8
+        z.add_(big).sub_(big)  # back to 0.1 exactly when x is 0 (the recording), not in general
+        return y + z
+
+    first, rec = record(fn, torch.zeros(4, 3))
+    assert torch.equal(first, fn(torch.zeros(4, 3)))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # a tensor kept between calls would start the next call away from 0.1
+        torch.testing.assert_close(rec(x), fn(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: float(t.sum()), lambda t: bool(t.max() > 0),
                                   lambda t: t.tolist(), lambda t: t[t > 0], lambda t: t.nonzero()])
 def test_a_recording_refuses_what_a_replay_cannot_repeat(read):
