@@ -67,8 +67,9 @@ RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "ra
 CONSTANT = re.compile(r"k\d+")  # how the generated code names a constant
 # Output shapes that depend on the values.
 VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "nonzero_static"}
-# Factory calls whose values are undefined: never taken for constants.
-UNINITIALISED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+# Factory calls whose values are undefined: never taken for constants. (`empty_like`, `new_empty` and
+# the like take a tensor, which already rules them out.)
+UNINITIALISED = {"empty", "empty_strided", "empty_permuted"}
 
 
 def _property_name(func) -> str | None:
@@ -232,7 +233,7 @@ class _Recorder(TorchFunctionMode):
                 if t.untyped_storage().data_ptr() not in kept | self.written and t.shape == first.shape
                 and t.stride() == first.stride() and torch.equal(t, first)}
         lines = [(assign, call, buffered) for assign, call, buffered in self.lines
-                 if not any(re.fullmatch(rf"{name} = ", assign) for name in made)]
+                 if assign.removesuffix(" = ") not in made]  # a factory call assigns one name
         if made:  # the constant's name for the name its call assigned
             swap = re.compile(r"\b(" + "|".join(made) + r")\b")
             lines = [(assign, swap.sub(lambda m: made[m.group(1)], call),
