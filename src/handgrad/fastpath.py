@@ -124,10 +124,12 @@ def inference_mode():
 
 def manual_step(model, x, y) -> torch.Tensor:
     """One eager manual step's zero_grad, forward and backward, in inference mode; the loss."""
-    with inference_mode():
-        model.zero_grad()
-        loss = model.forward(x, y)
-        model.backward()
+    if not torch.is_inference_mode_enabled():  # the training loop stays in it: no context each step
+        with torch.inference_mode():
+            return manual_step(model, x, y)
+    model.zero_grad()
+    loss = model.forward(x, y)
+    model.backward()
     return loss
 
 

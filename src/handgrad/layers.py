@@ -11,6 +11,7 @@ Conventions (as in torch.nn):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -125,7 +126,7 @@ class Embedding(Module):
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
         w, idx = self.grads["weight"], self.saved["idx"]
-        if w.device.type == "cpu":  # one call, no flattening views; it adds in the ids' order, as index_add_ does
+        if w.is_cpu:  # one call, no flattening views; it adds in the ids' order, as index_add_ does
             w.index_put_((idx,), dout, accumulate=True)
         else:  # on a GPU index_put_'s accumulating kernel cannot be recorded in a CUDA graph
             w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
@@ -141,7 +142,7 @@ class Flatten(Module):
 
     # a reshape: d out / d x is the identity, so dx is dout in x's shape
     def backward(self, dout):
-        return dout.reshape(self.saved["shape"])
+        return dout.reshape(*self.saved["shape"])  # unpacked: a torch.Size argument takes a slower path
 
 
 class FlattenConsecutive(Module):
@@ -161,7 +162,7 @@ class FlattenConsecutive(Module):
 
     # a reshape: d out / d x is the identity, so dx is dout in x's shape
     def backward(self, dout):
-        return dout.reshape(self.saved["shape"])
+        return dout.reshape(*self.saved["shape"])  # unpacked: a torch.Size argument takes a slower path
 
 
 PAD_MIN_ROWS = 1024  # matmuls over at least this many rows pad a narrow output side
@@ -185,33 +186,31 @@ class Linear(Module):
             self.add_param("bias", torch.zeros(fan_out))
 
     def forward(self, x):
+        if x.ndim != 2:  # (batch, time, channels): the rows of every time step are one matrix
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         self.saved["x"] = x
         w, b = self.params["weight"], self.params.get("bias")
-        x2 = x if x.ndim == 2 else x.reshape(-1, w.shape[0])  # (batch, time, channels) rows are one matrix
-        pad = output_padding(w.shape[1], x2.shape[0])
+        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0])
         if pad:  # multiply by the weight padded with zero columns, keep the real columns
-            w = torch.nn.functional.pad(w, (0, pad))
-            b = None if b is None else torch.nn.functional.pad(b, (0, pad))
-        out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        if pad:
-            out = out[:, :-pad]
-        return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[1])
+            w = F.pad(w, (0, pad))
+            b = None if b is None else F.pad(b, (0, pad))
+            return (torch.mm(x, w) if b is None else torch.addmm(b, x, w))[:, :-pad]
+        return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
     # y = x W + b:  dx = dy W^T,  dW = x^T dy,  db = sum over rows of dy
     def backward(self, dout):
-        w, x2, d2 = self.params["weight"], self.saved["x"], dout
-        if dout.ndim != 2:
-            x2, d2 = x2.reshape(-1, w.shape[0]), dout.reshape(-1, w.shape[1])
+        if dout.ndim != 2:  # as the forward: one matrix of rows
+            return self.backward(dout.reshape(-1, dout.shape[-1])).view(*dout.shape[:-1], -1)
+        w, x = self.params["weight"], self.saved["x"]
         if "bias" in self.grads:
-            self.grads["bias"].add_(d2.sum(0))
-        pad = output_padding(w.shape[1], x2.shape[0])
+            self.grads["bias"].add_(dout.sum(0))
+        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0])
         if pad:  # zero columns in dy and W add exact zeros: the same sums, in faster matmul shapes
-            d2, w = torch.nn.functional.pad(d2, (0, pad)), torch.nn.functional.pad(w, (0, pad))
-            self.grads["weight"].add_(torch.mm(x2.T, d2)[:, :-pad])
+            dout, w = F.pad(dout, (0, pad)), F.pad(w, (0, pad))
+            self.grads["weight"].add_(torch.mm(x.T, dout)[:, :-pad])
         else:
-            self.grads["weight"].addmm_(x2.T, d2)
-        dx = torch.mm(d2, w.T)
-        return dx if dout.ndim == 2 else dx.view(*dout.shape[:-1], w.shape[0])
+            self.grads["weight"].addmm_(x.T, dout)
+        return F.linear(dout, w)  # dout W^T, the transpose taken inside the one call
 
 
 class EmbeddingLinear(Module):
@@ -251,7 +250,7 @@ class EmbeddingLinear(Module):
             return self.linear.forward(self.embedding.forward(idx).view(B, T * E))
         rows = self.stacked_rows(idx, V)
         self.saved["rows"] = rows
-        out = torch.nn.functional.embedding_bag(rows, self.tables(T).view(T * V, H), mode="sum")  # sum_t P_t[x[b,t]]
+        out = F.embedding_bag(rows, self.tables(T).view(T * V, H), mode="sum")  # sum_t P_t[x[b,t]]
         return out if b is None else out.add_(b)
 
     def tables(self, T: int):
@@ -351,7 +350,7 @@ class EmbeddingLinearBatchNormTanh(Module):
         rstd = (var + self.batchnorm.eps).rsqrt()
         R = Q * rstd  # xhat[b] = sum_t R_t[x[b,t]]
         rows = self.first.stacked_rows(idx, V)
-        out = torch.nn.functional.embedding_bag(rows, (R * gamma).view(T * V, H), mode="sum").add_(beta)
+        out = F.embedding_bag(rows, (R * gamma).view(T * V, H), mode="sum").add_(beta)
         self.saved.update(idx=idx, counts=counts, R=R, rstd=rstd)
         self.saved.update({f"pairs{k}": n for k, n in enumerate(pairs)})
         return self.tanh.forward(out)
@@ -396,15 +395,17 @@ class Tanh(Module):
 
     def forward(self, x):
         s = (x + x).sigmoid_()
-        # -1 + 2 s, rounded once as (s + s) - 1 is; out of place: autograd's sigmoid backward reads s
-        out = torch.add(self.minus_one, s, alpha=2)
+        # -1 + 2 s, rounded once as (s + s) - 1 is; written over s, unless autograd is recording this
+        # forward (its sigmoid backward reads s)
+        out = torch.add(self.minus_one, s, alpha=2, out=None if torch.is_grad_enabled() else s)
         self.saved["out"] = out
         return out
 
     # d tanh(x)/dx = 1 - tanh(x)^2, from the saved output:  dx = dout - dout * out * out
     def backward(self, dout):
         out = self.saved["out"]
-        return torch.addcmul(dout, dout * out, out, value=-1)
+        product = dout * out
+        return torch.addcmul(dout, product, out, value=-1, out=product)  # into the product's memory, read as it is written
 
 
 class BatchNorm1d(Module):
@@ -458,7 +459,7 @@ class BatchNorm1d(Module):
             # (batch, channels), eager: torch's batch-norm kernel without affine or running statistics
             # gives xhat, the batch mean and rstd = 1 / sqrt(biased var + eps) in one call (two passes
             # over x). Compiled, the sums below fuse better (the kernel would become a running variance).
-            xhat, mean, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+            xhat, mean, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self._eps)
             self.update_running_stats(mean, rstd.pow(-2).sub_(self.eps_tensor))
         else:
             if self.training:
@@ -483,7 +484,8 @@ class BatchNorm1d(Module):
         xhat, rstd = self.saved["xhat"], self.saved["rstd"]
         dout_sum = dout.sum(dims)
         dout_xhat_sum = (dout * xhat).sum(dims)
-        torch._foreach_add_([self.grads["weight"], self.grads["bias"]], [dout_xhat_sum, dout_sum])
+        self.grads["weight"].add_(dout_xhat_sum)  # two adds: faster than one foreach call over two tensors
+        self.grads["bias"].add_(dout_sum)
         scale = self.params["weight"] * rstd  # gamma * rstd
         if not self.training:  # running statistics are constants
             return dout * scale

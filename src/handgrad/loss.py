@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .layers import Module
 
@@ -19,14 +20,13 @@ class CrossEntropy(Module):
         # log_softmax subtracts the row max before exponentiating, so large logits cannot overflow
         logprobs = torch.log_softmax(logits, dim=1)
         self.saved["logprobs"], self.saved["targets"] = logprobs, targets
-        return torch.nn.functional.nll_loss(logprobs, targets)  # mean over rows of -logprobs[row, target]
+        return F.nll_loss(logprobs, targets)  # mean over rows of -logprobs[row, target]
 
     # d loss / d logits = (softmax(logits) - onehot(targets)) / N
     def backward(self, dloss=1.0):
         logprobs, targets = self.saved["logprobs"], self.saved["targets"]
-        n = targets.shape[0]
-        scale = dloss / n
-        if logprobs.device.type == "cpu" and not torch.compiler.is_compiling():
+        scale = dloss / targets.shape[0]
+        if logprobs.is_cpu and not torch.compiler.is_compiling():
             # eager on a CPU: scale, -scale and the row numbers as tensors made once (wrapping a Python
             # number into a tensor costs more than the multiply), the target's column by row and target
             scale_t, minus_scale, rows = self.constants(scale, logprobs)
@@ -36,15 +36,14 @@ class CrossEntropy(Module):
         return logprobs.exp().mul_(scale).scatter_(1, targets.view(-1, 1), -scale, reduce="add")
 
     def constants(self, scale: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """scale and -scale (dtype and device of `like`) and the row numbers 0..N-1, made on first use."""
-        key = (scale, like.shape[0], like.dtype, like.device)
+        """scale and -scale (dtype of `like`) and the row numbers 0..N-1, on a CPU, made on first use."""
+        key = (scale, like.shape[0], like.dtype)
         made = self._constants.get(key)
         if made is None:
             if len(self._constants) >= 8:  # batch sizes come and go (the last, shorter batch of an epoch)
                 self._constants.clear()
-            made = self._constants[key] = (torch.tensor(scale, dtype=like.dtype, device=like.device),
-                                           torch.tensor(-scale, dtype=like.dtype, device=like.device),
-                                           torch.arange(like.shape[0], device=like.device))
+            made = self._constants[key] = (torch.tensor(scale, dtype=like.dtype), torch.tensor(-scale, dtype=like.dtype),
+                                           torch.arange(like.shape[0]))
         return made
 
 

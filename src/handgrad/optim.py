@@ -114,13 +114,14 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.weight_decay = per_parameter(weight_decay, len(self.params))
         self.one_decay = len(set(self.weight_decay)) == 1  # then the flat tensors can be updated as one
+        self.plain = not momentum and not any(self.weight_decay)  # p <- p - lr * g, nothing more
 
     def update(self, lr: float) -> None:
         """The update of `step`, which reads no step count: what the fast paths record in their graphs
         (a Python counter changed inside one would be a new constant each call); they count the steps."""
         # the flat tensors where every parameter has the same decay; compiled, the per-parameter ops fuse
         flat = self.flat is not None and self.one_decay and not torch.compiler.is_compiling()
-        if not self.momentum and not any(self.weight_decay):
+        if self.plain:
             if flat:  # plain SGD on the flat tensors: one op
                 self.flat["params"].add_(self.flat["grads"], alpha=-lr)
             else:  # one call updates every parameter
