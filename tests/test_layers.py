@@ -46,12 +46,27 @@ def test_tanh(shape):
 
 @pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear(shape, bias):
+@pytest.mark.parametrize("fan_out", [6, 1])  # 1: fewer outputs than inputs, the weight laid out by columns
+def test_linear(shape, bias, fan_out):
     torch.manual_seed(1)
-    layer = f64(Linear(shape[-1], 6, bias=bias))
+    layer = f64(Linear(shape[-1], fan_out, bias=bias))
     results = check_layer(layer, randn(*shape))
     assert_ok(results)
     assert {r.name for r in results} >= ({"input", "weight", "bias"} if bias else {"input", "weight"})
+
+
+@pytest.mark.parametrize("fan_in, fan_out, by_columns", [(9, 4, True), (4, 9, False), (5, 5, False)])
+def test_a_narrow_output_weight_and_its_gradient_are_laid_out_by_columns(fan_in, fan_out, by_columns):
+    torch.manual_seed(3)
+    layer = Linear(fan_in, fan_out)
+    torch.manual_seed(3)
+    drawn = torch.randn(fan_in, fan_out) * fan_in**-0.5
+    w, g = layer.params["weight"], layer.grads["weight"]
+    assert torch.equal(w, drawn)  # the same values either way
+    assert w.is_contiguous() != by_columns and w.T.is_contiguous() == by_columns
+    assert g.stride() == w.stride()
+    moved = f64(layer).params["weight"]
+    assert moved.stride() == w.stride() and layer.grads["weight"].stride() == w.stride()
 
 
 @pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])

@@ -135,7 +135,10 @@ class AutogradRunner(Runner):
                  "linear2.weight", "linear2.bias"]
         if set(p) != set(names):
             raise HandgradError("the autograd baselines are written for the seed mlp")
-        self.C, self.W1, self.gamma, self.beta, self.W2, self.b2 = (p[n].clone().requires_grad_(True) for n in names)
+        # row by row, as the seed lays its weights out (the manual model lays its output layer's weight out
+        # by columns; autograd's step measures the same either way, or with weights of shape (out, in))
+        self.C, self.W1, self.gamma, self.beta, self.W2, self.b2 = (
+            p[n].clone(memory_format=torch.contiguous_format).requires_grad_(True) for n in names)
         self.running_mean = torch.zeros_like(self.gamma, requires_grad=False)
         self.running_var = torch.ones_like(self.gamma, requires_grad=False)
         params = [self.C, self.W1, self.gamma, self.beta, self.W2, self.b2]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .layers import Module
+from .layers import Module, memory_order
 
 # Largest allowed |manual - reference| per dtype.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -154,7 +154,7 @@ def finite_difference_check(
         m.backward()
         results = []
         for (name, p), g in zip(m.named_parameters(), m.grads()):
-            flat_p, flat_g = p.view(-1), g.view(-1)
+            flat_p, flat_g = memory_order(p), memory_order(torch.empty_like(p).copy_(g))  # g's entries in p's order
             k = min(samples_per_param, flat_p.numel())
             idx = torch.randperm(flat_p.numel(), generator=gen)[:k]
             numeric = torch.empty(k, dtype=torch.float64, device=flat_p.device)
@@ -222,11 +222,11 @@ def check_layer(layer: Module, x: torch.Tensor, dout: torch.Tensor | None = None
     targets = ([("input", x, dx)] if floating else []) + [(n, p, grads[n]) for n, p in params.items()]
     with torch.no_grad():
         for name, t, g in targets:
-            flat = t.view(-1)
+            flat = memory_order(t)
             numeric = torch.empty_like(flat)
             for i in range(flat.numel()):
                 numeric[i] = central_difference(objective, flat, i, fd_eps)
-            results.append(compare(name, "finite-difference", g, numeric.view_as(t), fd_atol))
+            results.append(compare(name, "finite-difference", g, numeric.as_strided(t.shape, t.stride()), fd_atol))
     restore()
     return results
 

@@ -21,17 +21,33 @@ def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     at = base.data_ptr()
     for t in tensors:
-        if t._base is not base or not t.is_contiguous() or t.data_ptr() != at:
+        if t._base is not base or not dense(t) or t.data_ptr() != at:
             return None
         at += t.numel() * t.element_size()
     return base if at == base.data_ptr() + base.numel() * base.element_size() else None
 
 
+def transposed(t: torch.Tensor) -> bool:
+    """A matrix laid out column by column: the transpose of a contiguous matrix."""
+    return t.ndim == 2 and not t.is_contiguous() and t.T.is_contiguous()
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Contiguous, or a transposed contiguous matrix: either way its numbers fill one block."""
+    return t.is_contiguous() or transposed(t)
+
+
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of `t`'s numbers in the order they lie in memory (`t` contiguous or transposed)."""
+    return (t.T if transposed(t) else t).view(-1)
+
+
 def views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of `flat`, end to end, of the shapes of `tensors` (what `packed` finds again)."""
+    """Views of `flat`, end to end, of the shapes and layouts of `tensors` (what `packed` finds again)."""
     views, start = [], 0
     for t in tensors:
-        views.append(flat[start:start + t.numel()].view(t.shape))
+        block = flat[start:start + t.numel()]
+        views.append(block.view(t.shape[::-1]).T if transposed(t) else block.view(t.shape))
         start += t.numel()
     return views
 
@@ -57,7 +73,7 @@ class Module:
 
     def add_param(self, name: str, value: torch.Tensor) -> None:
         self.params[name] = value
-        self.grads[name] = torch.zeros_like(value)
+        self.grads[name] = torch.zeros_like(value)  # laid out as the parameter
 
     def named_parameters(self, prefix: str = ""):
         for name, p in self.params.items():
@@ -176,12 +192,17 @@ def output_padding(width: int, rows: int) -> int:
 
 
 class Linear(Module):
-    """y = x @ weight + bias, weight of shape (fan_in, fan_out)."""
+    """y = x @ weight + bias, weight of shape (fan_in, fan_out).
+
+    A weight with fewer outputs than inputs (an output layer over a vocabulary) is laid out column by
+    column, its gradient buffer too: on a CPU core the gradient's product x^T dy then writes rows of
+    fan_in numbers instead of fan_out, 1.5x faster for 32 x 200 by 200 x 27 (docs/bench.md)."""
 
     def __init__(self, fan_in: int, fan_out: int, bias: bool = True, gain: float = 1.0):
         super().__init__()
         # Kaiming-style scale gain / sqrt(fan_in) keeps the output's variance near gain^2 * var(x)
-        self.add_param("weight", torch.randn(fan_in, fan_out) * gain * fan_in**-0.5)
+        weight = torch.randn(fan_in, fan_out) * gain * fan_in**-0.5
+        self.add_param("weight", weight.T.contiguous().T if fan_out < fan_in else weight)  # same values
         if bias:
             self.add_param("bias", torch.zeros(fan_out))
 
@@ -256,7 +277,7 @@ class EmbeddingLinear(Module):
     def tables(self, T: int):
         """(T, V, H): P_t = C W_t, what position t's id contributes to the output."""
         C, W = self.params["embedding"], self.params["weight"]
-        return torch.matmul(C, W.view(T, C.shape[1], W.shape[1]))
+        return torch.matmul(C, W.reshape(T, C.shape[1], W.shape[1]))  # a view, or a copy of a weight laid out by columns
 
     @staticmethod
     def stacked_rows(idx, V: int):
@@ -284,8 +305,8 @@ class EmbeddingLinear(Module):
         """The parameters' gradients from the tables' (T, V, H); the bias's is added by the caller."""
         C, W = self.params["embedding"], self.params["weight"]
         T, E, H = dtables.shape[0], C.shape[1], W.shape[1]
-        self.grads["weight"].view(T, E, H).add_(torch.matmul(C.T, dtables))
-        self.grads["embedding"].add_(torch.matmul(dtables, W.view(T, E, H).transpose(1, 2)).sum(0))
+        self.grads["weight"].add_(torch.matmul(C.T, dtables).view(T * E, H))
+        self.grads["embedding"].add_(torch.matmul(dtables, W.reshape(T, E, H).transpose(1, 2)).sum(0))
 
 
 class EmbeddingLinearBatchNormTanh(Module):
