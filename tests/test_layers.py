@@ -46,27 +46,30 @@ def test_tanh(shape):
 
 @pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("fan_out", [6, 1])  # 1: fewer outputs than inputs, the weight laid out by columns
-def test_linear(shape, bias, fan_out):
+@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
+def test_linear(shape, bias, by_columns):
     torch.manual_seed(1)
-    layer = f64(Linear(shape[-1], fan_out, bias=bias))
+    layer = Linear(shape[-1], 6, bias=bias)
+    if by_columns:
+        layer.lay_out_by_columns()
+    layer = f64(layer)
+    assert layer.params["weight"].is_contiguous() != by_columns
     results = check_layer(layer, randn(*shape))
     assert_ok(results)
     assert {r.name for r in results} >= ({"input", "weight", "bias"} if bias else {"input", "weight"})
 
 
-@pytest.mark.parametrize("fan_in, fan_out, by_columns", [(9, 4, True), (4, 9, False), (5, 5, False)])
-def test_a_narrow_output_weight_and_its_gradient_are_laid_out_by_columns(fan_in, fan_out, by_columns):
+def test_a_weight_laid_out_by_columns_keeps_its_values_and_its_gradient_buffer_follows():
     torch.manual_seed(3)
-    layer = Linear(fan_in, fan_out)
-    torch.manual_seed(3)
-    drawn = torch.randn(fan_in, fan_out) * fan_in**-0.5
+    layer = Linear(9, 4)
+    drawn = layer.params["weight"].clone()
+    layer.lay_out_by_columns()
     w, g = layer.params["weight"], layer.grads["weight"]
-    assert torch.equal(w, drawn)  # the same values either way
-    assert w.is_contiguous() != by_columns and w.T.is_contiguous() == by_columns
-    assert g.stride() == w.stride()
-    moved = f64(layer).params["weight"]
-    assert moved.stride() == w.stride() and layer.grads["weight"].stride() == w.stride()
+    assert torch.equal(w, drawn) and w.shape == (9, 4)
+    assert not w.is_contiguous() and w.T.is_contiguous()
+    assert g.stride() == w.stride() and not g.any()
+    moved = f64(layer)
+    assert moved.params["weight"].stride() == w.stride() and moved.grads["weight"].stride() == w.stride()
 
 
 @pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])
@@ -144,9 +147,11 @@ def test_linear_with_padded_output(shape, bias):
 
 @pytest.mark.parametrize("batch", [4, 40, 100])  # vocabulary 7: 4 takes the layers' route, 40 and 100 the tables'
 @pytest.mark.parametrize("bias", [True, False])
-def test_embedding_linear(batch, bias):
+@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
+def test_embedding_linear(batch, bias, by_columns):
     torch.manual_seed(6)
-    emb, linear = f64(Embedding(7, 3)), f64(Linear(3 * 4, 5, bias=bias))
+    linear = Linear(3 * 4, 5, bias=bias)
+    emb, linear = f64(Embedding(7, 3)), f64(linear.lay_out_by_columns() if by_columns else linear)
     fused = EmbeddingLinear(emb, linear)
     idx = torch.randint(0, 7, (batch, 4), generator=torch.Generator().manual_seed(7))
     results = check_layer(fused, idx)

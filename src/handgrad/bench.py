@@ -68,11 +68,13 @@ class Runner:
     """One implementation at one batch size: `run(n)` takes n training steps (n a multiple of `chunk`)."""
 
     chunk = 1
+    narrow_by_columns = False  # the model's layout, as `handgrad train` builds it for this path
 
     def __init__(self, model_config: ModelConfig, batch_size: int, X, Y, device, seed: int):
         self.batch_size, self.X, self.Y, self.device = batch_size, X, Y, device
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.model = build_model(model_config, seed=seed, device=device)
+        self.model = build_model(model_config, seed=seed, device=device,
+                                 narrow_by_columns=self.narrow_by_columns and device.type == "cpu")
 
     def draw(self, *shape) -> torch.Tensor:
         return torch.randint(0, len(self.Y), shape, generator=self.gen, device=self.device)
@@ -87,6 +89,8 @@ class Runner:
 
 
 class ManualRunner(Runner):
+    narrow_by_columns = True
+
     def __init__(self, *args):
         super().__init__(*args)
         self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
@@ -135,10 +139,7 @@ class AutogradRunner(Runner):
                  "linear2.weight", "linear2.bias"]
         if set(p) != set(names):
             raise HandgradError("the autograd baselines are written for the seed mlp")
-        # row by row, as the seed lays its weights out (the manual model lays its output layer's weight out
-        # by columns; autograd's step measures the same either way, or with weights of shape (out, in))
-        self.C, self.W1, self.gamma, self.beta, self.W2, self.b2 = (
-            p[n].clone(memory_format=torch.contiguous_format).requires_grad_(True) for n in names)
+        self.C, self.W1, self.gamma, self.beta, self.W2, self.b2 = (p[n].clone().requires_grad_(True) for n in names)
         self.running_mean = torch.zeros_like(self.gamma, requires_grad=False)
         self.running_var = torch.ones_like(self.gamma, requires_grad=False)
         params = [self.C, self.W1, self.gamma, self.beta, self.W2, self.b2]
