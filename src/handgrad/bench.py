@@ -8,7 +8,8 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
   torch.compile (autograd then runs the compiled backward graph) and the
   optimizer's step compiled too.
 - `manual`: the hand-written backward run eagerly, as `handgrad train --impl eager`
-  runs it: `fastpath.manual_step` (the layers' methods), then the optimizer's `step`.
+  runs it: `fastpath.manual_step` (the layers' methods), then the optimizer's `step`;
+  on a CPU the output layer's weight laid out by columns, as train lays it out.
 - `manual-replay`: `fastpath.ReplayStep`, that eager step's torch calls recorded once
   and replayed (what `handgrad train` runs on a CPU unless it compiles), then the
   optimizer's `step`.
