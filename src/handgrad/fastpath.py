@@ -34,7 +34,7 @@ make fewer passes over memory.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 
 import torch
@@ -113,20 +113,24 @@ def check_call(steps_per_call: int, idx) -> None:
         raise HandgradError(f"batch indices must have shape ({steps_per_call}, batch), got {tuple(idx.shape)}")
 
 
-def inference_mode():
-    """Inference mode, entered only where it is not on already. Inference mode: autograd off, and no
-    view or version bookkeeping on new tensors (a few microseconds per op at small batches); tensors
-    made before it and updated in place stay ordinary tensors. Entering and leaving it (or no_grad)
-    each step slows that step's ops: 10-15 us of a 150-190 us step at batch 32 on a CPU core, so the
-    training loop stays in it throughout, and a step entering it again would undo that."""
-    return contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
+def in_inference_mode(step):
+    """`step`, run in inference mode, entered only where it is not on already. Inference mode: autograd
+    off, and no view or version bookkeeping on new tensors (a few microseconds per op at small batches);
+    tensors made before it and updated in place stay ordinary tensors. Entering and leaving it (or
+    no_grad) each step slows that step's ops: 10-15 us of a 150-190 us step at batch 32 on a CPU core,
+    so the training loop stays in it throughout, and a step entering it again would undo that."""
+    @functools.wraps(step)
+    def run(*args):
+        if torch.is_inference_mode_enabled():
+            return step(*args)
+        with torch.inference_mode():
+            return step(*args)
+    return run
 
 
+@in_inference_mode
 def manual_step(model, x, y) -> torch.Tensor:
     """One eager manual step's zero_grad, forward and backward, in inference mode; the loss."""
-    if not torch.is_inference_mode_enabled():  # the training loop stays in it: no context each step
-        with torch.inference_mode():
-            return manual_step(model, x, y)
     model.zero_grad()
     loss = model.forward(x, y)
     model.backward()
@@ -150,6 +154,7 @@ class ReplayStep:
         self.recordings: dict[tuple, object] = {}
         self.fallback: str | None = None
 
+    @in_inference_mode
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.model.training:
             raise HandgradError("the replayed step trains: put the model in training mode first")
@@ -165,8 +170,7 @@ class ReplayStep:
                 loss = e.result
             self.model.clear_saved()  # the recording step's intermediates: a replay does not refresh them
             return loss
-        with inference_mode():
-            return replay.fn(x, y)
+        return replay.fn(x, y)
 
 
 class CompiledStep:

@@ -243,9 +243,10 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     if sizes["train"] == 0:
         raise HandgradError("the training split is empty")
     mcfg = cfg.model_config(len(ds.vocab))
-    # narrow weights by columns for the manual eager and replayed steps on a CPU, where they are faster
-    by_columns = cfg.grad == "manual" and impl in ("eager", "replay") and device.type == "cpu"
-    model = build_model(mcfg, seed=cfg.seed, device=device, dtype=dtype, narrow_by_columns=by_columns)
+    manual_eager = cfg.grad == "manual" and impl in ("eager", "replay")  # the layers' own calls, one by one
+    # narrow weights by columns for those steps on a CPU, where they are faster
+    model = build_model(mcfg, seed=cfg.seed, device=device, dtype=dtype,
+                        narrow_by_columns=manual_eager and device.type == "cpu")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     print(f"optimizer: {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} schedule"
           + (f", warm-up {cfg.warmup}" if cfg.schedule == "cosine" else "")
@@ -328,8 +329,8 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     t0 = time.perf_counter() - (resume.meta["elapsed"] if resume is not None else 0.0)
     Xtrain, Ytrain = X["train"], Y["train"]
     # the manual eager and replayed steps run with autograd off: the loop stays in inference mode, rather
-    # than each step entering and leaving it (fastpath.inference_mode)
-    loop_mode = torch.inference_mode() if cfg.grad == "manual" and impl in ("eager", "replay") else contextlib.nullcontext()
+    # than each step entering and leaving it (fastpath.in_inference_mode)
+    loop_mode = torch.inference_mode() if manual_eager else contextlib.nullcontext()
     with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf, gc_frozen(), loop_mode:
         for step in range(start, cfg.steps):
             lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup)
