@@ -215,6 +215,207 @@ def test_a_refused_recording_falls_back_to_the_eager_step():
     assert replayed.fallback is not None and "__int__" in replayed.fallback
 
 
+@pytest.mark.parametrize("change,why", [
+    (lambda held: held["seen"].add_(1), None),
+    (lambda held: held.__setitem__("seen", held["seen"] + 1), "seen was replaced by a new tensor during the step"),
+    (lambda held: held.pop("seen"), "seen was removed during the step"),
+    (lambda held: held.__setitem__("later", torch.zeros(1)), "later was added during the step"),
+])
+def test_a_recording_refuses_a_persistent_tensor_replaced_rather_than_updated(change, why):
+    held = {"seen": torch.zeros(1)}
+
+    def fn(x):
+        change(held)
+        return x * 2
+
+    x = torch.ones(3)
+    if why is None:
+        _, rec = record(fn, x, persistent=lambda: list(held.items()))
+        rec(x)
+        assert float(held["seen"]) == 2  # the recorded step's add, then the replay's
+        return
+    with pytest.raises(ReplayError, match=f"^{why}; the replay needs persistent tensors updated in place") as e:
+        record(fn, x, persistent=lambda: list(held.items()))
+    assert torch.equal(e.value.result, x * 2)
+
+
+class CountsExamples(Module):
+    """Passes the ids through, counting the examples it has trained on in a buffer, in place or
+    (as a replay cannot repeat) by putting a new tensor in the buffer's place."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.buffers["seen"] = torch.zeros(())
+
+    def forward(self, x):
+        if self.training:
+            if self.in_place:
+                self.buffers["seen"].add_(x.shape[0])
+            else:
+                self.buffers["seen"] = self.buffers["seen"] + x.shape[0]
+        return x
+
+    # d out / d x = 1
+    def backward(self, dout):
+        return dout
+
+
+class CountsStepsInPython(Module):
+    """Adds its step count, a Python number, to a buffer (in place): the recording sees an add of a
+    constant, and a replay would add the first step's count every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+        self.buffers["total"] = torch.zeros(())
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            self.buffers["total"].add_(self.steps)
+        return x
+
+    # d out / d x = 1
+    def backward(self, dout):
+        return dout
+
+
+class ScalesByStep(Module):
+    """Scales the logits by 1 + steps / 10, the step count a Python number: a replay would scale by
+    the first step's factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+        self.scale = 1 + self.steps / 10
+        return x * self.scale
+
+    # d out / d x = scale
+    def backward(self, dout):
+        return dout * self.scale
+
+
+class DropsHalf(Module):
+    """Zeroes each activation with probability 1/2 and doubles the rest: random draws on each step."""
+
+    def forward(self, x):
+        self.saved["mask"] = (torch.rand(x.shape, dtype=x.dtype) > 0.5).to(x.dtype) * 2
+        return x * self.saved["mask"]
+
+    # d out / d x = mask
+    def backward(self, dout):
+        return dout * self.saved["mask"]
+
+
+def with_layer(model, after: str | None, name: str, layer):
+    """`model` with `layer` put in after the layer `after` (None: first)."""
+    layers = list(model.net.layers.items())
+    at = 0 if after is None else [n for n, _ in layers].index(after) + 1
+    model.net.layers = dict(layers[:at] + [(name, layer)] + layers[at:])
+    return model
+
+
+def run_side_by_side(make_layer, after, steps: int = 5, seeded: bool = False):
+    """The eager step and `compiled_train_step(..., "replay")` on two copies of the mlp with `make_layer()`
+    put in, `steps` steps of SGD: the losses agree step by step; the two models, the replayed step and
+    the lines it reported."""
+    models = [with_layer(build_model(CONFIGS["mlp"], seed=3), after, "planted", make_layer()) for _ in range(2)]
+    opts = [make_optimizer("sgd", m, lr=0.1) for m in models]
+    lines = []
+    step_fn = compiled_train_step(models[1], "replay", report=lines.append)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x, y = torch.randint(0, 7, (8, 3), generator=g), torch.randint(0, 7, (8,), generator=g)
+        losses = []
+        for m, fn in zip(models, (manual_step, step_fn)):
+            if seeded:  # each model's step draws the same numbers
+                torch.manual_seed(step)
+            losses.append(fn(m, x, y))
+        assert torch.equal(*losses), step
+        for o in opts:
+            o.step()
+    eager, fast = models
+    for a, b in zip(eager.parameters() + eager.grads() + [t for _, t in eager.named_buffers()],
+                    fast.parameters() + fast.grads() + [t for _, t in fast.named_buffers()]):
+        assert torch.equal(a, b)
+    return models, step_fn.replayed, lines
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_step_replacing_a_buffer_is_refused_and_runs_eagerly(in_place):
+    models, replayed, lines = run_side_by_side(lambda: CountsExamples(in_place), None)
+    assert [float(m.net.layers["planted"].buffers["seen"]) for m in models] == [40, 40]  # 5 steps of 8
+    if in_place:
+        assert replayed.fallback is None and lines == [] and len(replayed.recordings) == 1
+    else:
+        assert len(lines) == 1 and "runs eagerly" in lines[0]
+        assert replayed.fallback == ("layer buffer 'planted.seen' was replaced by a new tensor during the step; "
+                                     "the replay needs persistent tensors updated in place (.copy_, .add_, ...)")
+
+
+@pytest.mark.parametrize("make_layer,after,differs", [
+    (CountsStepsInPython, None, "layer buffer 'planted.total'"),
+    (ScalesByStep, "linear2", "the loss"),
+])
+def test_the_first_replay_is_checked_against_the_eager_step(make_layer, after, differs):
+    """A Python number that changes each step: the identity of the persistent tensors holds, the
+    recording is taken, and the check of its first replay finds the tensor the replay got wrong."""
+    models, replayed, lines = run_side_by_side(make_layer, after)
+    assert all(m.net.layers["planted"].steps == 5 for m in models)  # the check's eager step counted once
+    assert len(lines) == 1 and "runs eagerly" in lines[0]
+    assert replayed.fallback.startswith(f"the first replay differs from the eager step in {differs}:")
+    assert not replayed.recordings and not replayed.unchecked
+
+
+def test_the_check_draws_the_same_numbers_for_the_replay_and_the_eager_step():
+    _, replayed, lines = run_side_by_side(DropsHalf, "linear1", seeded=True)
+    assert replayed.fallback is None and lines == [] and len(replayed.recordings) == 1
+
+
+def test_the_check_asks_for_deterministic_kernels_on_a_gpu_only_and_puts_the_setting_back():
+    from handgrad.fastpath import reproducible_kernels
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not before[0]
+    with reproducible_kernels(torch.device("cpu")):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(KeyError):  # put back however the block ends
+        with reproducible_kernels(torch.device("cuda")):
+            assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+            raise KeyError
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
+
+
+def test_train_falls_back_to_the_eager_step_where_a_layer_replaces_a_buffer(tmp_path, capsys, monkeypatch):
+    import handgrad.train as training
+    from cli_run import weights
+    from handgrad.train import TrainConfig
+
+    build = training.build_model
+    monkeypatch.setattr(training, "build_model",
+                        lambda *a, **kw: with_layer(build(*a, **kw), None, "counter", CountsExamples(False)))
+    runs = {}
+    for impl in ("replay", "eager"):
+        out = tmp_path / impl
+        capsys.readouterr()
+        run = training.train(TrainConfig(out=str(out), steps=30, batch_size=16, impl=impl, check=False,
+                                         eval_every=0, log_every=5, num_samples=0))
+        err = capsys.readouterr().err
+        assert run["impl"] == "eager" and json.loads((out / "run.json").read_text())["impl"] == "eager"
+        assert float(weights(out)["counter.seen"]) == 30 * 16  # every step counted, replay or not
+        runs[impl] = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        said = [line for line in err.splitlines() if line.startswith("step:")]
+        assert said == ([] if impl == "eager" else [
+            "step: the eager step's calls cannot be replayed (layer buffer 'counter.seen' was replaced by a new tensor "
+            "during the step; the replay needs persistent tensors updated in place (.copy_, .add_, ...)); it runs eagerly"])
+    assert runs["replay"] == runs["eager"] and len(runs["eager"]) == 7
+
+
 def test_replay_refuses_a_model_in_eval_mode():
     model = build_model(CONFIGS["mlp"])
     model.eval()

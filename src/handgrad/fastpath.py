@@ -34,8 +34,10 @@ make fewer passes over memory.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+import warnings
 
 import torch
 
@@ -137,6 +139,63 @@ def manual_step(model, x, y) -> torch.Tensor:
     return loss
 
 
+def persistent_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """What outlives a step, by name: parameters, gradient buffers (and the flat tensors holding them),
+    the layers' buffers and the loss's. A replay refers to these by identity."""
+    named = [(f"parameter '{n}'", t) for n, t in model.net.named_parameters()]
+    named += [(f"gradient buffer '{n}'", t) for n, t in model.net.named_grads()]
+    named += [(f"layer buffer '{n}'", t) for n, t in model.net.named_buffers()]
+    named += [(f"loss buffer '{n}'", t) for n, t in model.loss_fn.named_buffers()]
+    named += [(f"the flat {what}", t) for what, t in (("parameter tensor", model.param_buffer),
+                                                     ("gradient buffer", model.grad_buffer)) if t is not None]
+    return named
+
+
+# Integers of a float's width, to compare floats bit for bit: -0.0 is not 0.0 (1 / x tells them apart),
+# and a NaN matches a NaN of the same bits, where == would call it unequal to itself.
+BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        a, b = a.view(BITS[a.element_size()]), b.view(BITS[b.element_size()])
+    return torch.equal(a, b)
+
+
+def generator_states() -> tuple:
+    """The default generators' states: the CPU's, and each CUDA device's once CUDA is in use."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+
+
+def set_generator_states(states: tuple) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def reproducible_kernels(device: torch.device):
+    """On a GPU, torch's deterministic kernels until the block ends: there the Embedding's
+    scatter-add adds in whatever order its atomic adds land, so two eager steps differ in the last
+    bits and could not tell a faithful replay from an unfaithful one. The CPU's kernels repeat
+    their results as they are."""
+    if device.type == "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():  # the kernels that have no deterministic form say so, each call
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+
 class ReplayStep:
     """The eager manual step (zero_grad, forward, backward), its torch calls recorded once per batch
     shape (`replay.record`) and then replayed as straight-line code: the same calls on the same
@@ -144,14 +203,27 @@ class ReplayStep:
     the calls. The update stays with the caller: any optimizer, any schedule.
 
     Call with a batch `x`, `y`; returns the loss. The first call of a batch shape runs the eager
-    step while recording it. Where a recording is refused (a layer reading a value into Python),
-    that call's eager run stands and every later call runs eagerly; `fallback` says why. The
-    layers' saved intermediates are not kept by a replay (diagnostics need the eager step).
+    step while recording it. The recording is refused where a layer reads a value into Python, or
+    replaces a persistent tensor (`persistent_tensors`) rather than updating it in place; then that
+    call's eager run stands and every later call runs eagerly; `fallback` says why.
+
+    What the recording cannot see, it cannot refuse: a Python number that changes between steps
+    (a layer's step counter, say) is baked into the recording as the first step's value. So the
+    first replay of each recording is checked against an eager step, bit for bit: the state the
+    step changes (parameters, gradient buffers, buffers) and the generators' states are saved, the
+    replay runs, the state is put back, the eager step runs, and their losses and tensors are
+    compared. The eager step's result stands; where the two differ, every later call runs eagerly
+    too, `fallback` naming the first tensor that differed. That costs one more step once per batch
+    shape, and later calls nothing. The optimizer's state is no part of it: the caller's update
+    runs outside the step, and the step reaches the optimizer only through the gradient buffers.
+
+    The layers' saved intermediates are not kept by a replay (diagnostics need the eager step).
     """
 
     def __init__(self, model):
         self.model = model
-        self.recordings: dict[tuple, object] = {}
+        self.recordings: dict[tuple, object] = {}  # replayed as they are: checked against the eager step
+        self.unchecked: dict[tuple, object] = {}  # recorded, their first replay still to be checked
         self.fallback: str | None = None
 
     @in_inference_mode
@@ -162,15 +234,42 @@ class ReplayStep:
             return manual_step(self.model, x, y)
         key = (x.shape, y.shape, x.dtype, y.dtype, x.device)
         replay = self.recordings.get(key)
-        if replay is None:
-            try:
-                loss, self.recordings[key] = record(lambda x, y: manual_step(self.model, x, y), x, y)
-            except ReplayError as e:
-                self.fallback = str(e)
-                loss = e.result
-            self.model.clear_saved()  # the recording step's intermediates: a replay does not refresh them
-            return loss
-        return replay.fn(x, y)
+        if replay is not None:
+            return replay.fn(x, y)
+        if key in self.unchecked:
+            return self.check(key, x, y)
+        try:
+            loss, self.unchecked[key] = record(lambda x, y: manual_step(self.model, x, y), x, y,
+                                               persistent=lambda: persistent_tensors(self.model))
+        except ReplayError as e:
+            self.fallback = str(e)
+            loss = e.result
+        self.model.clear_saved()  # the recording step's intermediates: a replay does not refresh them
+        return loss
+
+    def check(self, key, x, y) -> torch.Tensor:
+        """The first replay of the recording `key`, against the eager step from the same state; the
+        eager step's loss."""
+        replay = self.unchecked.pop(key)
+        named = persistent_tensors(self.model)
+        state = list({id(t): t for _, t in named}.values())  # a tensor held twice is put back once
+        saved, generators = [t.clone() for t in state], generator_states()
+        with reproducible_kernels(x.device):
+            replayed = [replay.fn(x, y)] + [t.clone() for _, t in named]
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            set_generator_states(generators)
+            loss = manual_step(self.model, x, y)
+        self.model.clear_saved()
+        eager = [loss] + [t for _, t in named]
+        differs = next((name for name, a, b in zip(["the loss"] + [n for n, _ in named], replayed, eager)
+                        if not same_bits(a, b)), None)
+        if differs is None:
+            self.recordings[key] = replay
+        else:
+            self.fallback = (f"the first replay differs from the eager step in {differs}: the recording missed "
+                             f"something the step does, such as a Python number that changes between steps")
+        return loss
 
 
 class CompiledStep:

@@ -25,7 +25,11 @@ What a recording refuses (`ReplayError`), since a replay could not repeat it:
 - a value read into Python (`.item()`, `float(t)`, `bool(t)`, ...): the Python
   that read it could branch on it;
 - an operation whose output shape depends on the values (`nonzero`, a boolean
-  mask, ...): later calls would carry the recorded shapes as constants.
+  mask, ...): later calls would carry the recorded shapes as constants;
+- a persistent tensor replaced by a new one during the run (`self.buffers["seen"]
+  = self.buffers["seen"] + 1` rather than `.add_(1)`), where `record` is told
+  which tensors are persistent: the replay would compute the new tensor and drop
+  it, the old one staying put, while the holder keeps the recording's tensor.
 Shapes, strides and other metadata may be read: they are constants of the
 batch shape, and a new batch shape is recorded anew. The persistent tensors
 are referred to by identity: they must stay the same tensor objects (updated
@@ -257,17 +261,39 @@ class Recording:
         return self.fn(*inputs)
 
 
-def record(fn, *inputs) -> tuple[object, Recording]:
+def replaced(before: list[tuple[str, torch.Tensor]], after: list[tuple[str, torch.Tensor]]) -> str | None:
+    """Why a replay could not go on with the persistent tensors `after` (what, by name, their holder
+    holds after the run) where the recording saw `before`: the first one replaced, added or dropped."""
+    held, now = dict(before), dict(after)
+    for name, t in before:
+        if name not in now:
+            return f"{name} was removed during the step"
+        if now[name] is not t:
+            return f"{name} was replaced by a new tensor during the step"
+    for name, _ in after:
+        if name not in held:
+            return f"{name} was added during the step"
+    return None
+
+
+def record(fn, *inputs, persistent=None) -> tuple[object, Recording]:
     """Run `fn(*inputs)` (tensors) once, recording its torch calls; returns its result and the recording.
 
     The result must be a tensor or a list or tuple of tensors made by the calls.
+    `persistent`: where given, a function listing the tensors that outlive a call, as (name, tensor)
+    pairs ("layer buffer 'bn.running_mean'"), read before and after the run: each must still be
+    the same tensor object afterwards.
     Raises `ReplayError` (holding the result) where a replay could not repeat the run.
     """
+    held = list(persistent()) if persistent is not None else []
     rec = _Recorder(inputs)
     with rec:
         result = fn(*inputs)
     if rec.refused is not None:
         raise ReplayError(rec.refused, result)
+    why = replaced(held, list(persistent())) if persistent is not None else None
+    if why is not None:
+        raise ReplayError(f"{why}; the replay needs persistent tensors updated in place (.copy_, .add_, ...)", result)
     results = [result] if isinstance(result, torch.Tensor) else list(result) if _is_tensor_seq(result) else None
     if results is None or any(id(t) not in rec.names for t in results):
         raise ReplayError("the recorded function must return tensors made or passed in by its torch calls", result)
