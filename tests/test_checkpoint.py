@@ -10,6 +10,8 @@ import torch
 from cli_run import assert_one_line_error, run_cli, snapshot
 
 from handgrad import checkpoint
+from handgrad.errors import HandgradError
+from handgrad.optim import make_optimizer
 
 
 class Payload:
@@ -120,3 +122,55 @@ def test_checkpoint_is_one_file_with_everything(saved_run):
     model, vocab, meta = checkpoint.load_model(saved_run)
     for name, t in model.state_dict().items():
         assert torch.equal(t, ckpt.model_state[name])
+
+
+def train_meta(ckpt: checkpoint.Checkpoint) -> dict:
+    """What the training loop passes to save_checkpoint, taken from a saved checkpoint."""
+    return {k: ckpt.meta[k] for k in ("config", "data", "elapsed")}
+
+
+def diverge(tensor: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("nan")
+
+
+def test_save_model_refuses_non_finite_weights_and_writes_nothing(saved_run, tmp_path):
+    run = shutil.copytree(saved_run, tmp_path / "run")
+    model, vocab, _ = checkpoint.load_model(run)
+    diverge(dict(model.named_parameters())["linear1.weight"])
+    before = snapshot(run)
+    with pytest.raises(HandgradError, match=r"refusing to save .*model\.safetensors: linear1\.weight holds non-finite"):
+        checkpoint.save_model(run, model, vocab)
+    assert snapshot(run) == before  # byte for byte, and no temporary left behind
+
+
+@pytest.mark.parametrize("where", ["weights", "running statistics", "optimizer state"])
+def test_save_checkpoint_refuses_a_non_finite_state_and_writes_neither_file(saved_run, tmp_path, where):
+    run = shutil.copytree(saved_run, tmp_path / "run")
+    ckpt = checkpoint.load_checkpoint(run)
+    model, vocab, _ = checkpoint.load_model(run)
+    optimizer = make_optimizer("momentum", model, lr=0.1)
+    if where == "weights":
+        diverge(dict(model.named_parameters())["embedding.weight"])
+    elif where == "running statistics":
+        diverge(model.state_dict()["batchnorm1.running_var"])
+    else:
+        state = optimizer.state_dict()
+        state["2.momentum_buffer"][0] = float("inf")
+        optimizer.load_state_dict(state)
+    before = snapshot(run)
+    with pytest.raises(HandgradError, match=r"refusing to save .*checkpoint\.safetensors: .* holds non-finite values"):
+        checkpoint.save_checkpoint(run, step=ckpt.step + 1, model=model, optimizer=optimizer, vocab=vocab,
+                                   meta=train_meta(ckpt), device=torch.device("cpu"))
+    assert snapshot(run) == before
+
+
+def test_the_longest_item_reaches_the_models_header(saved_run, tmp_path):
+    """train passes max_item_len with the checkpoint's metadata; the model's header carries it to `sample`."""
+    run = shutil.copytree(saved_run, tmp_path / "run")
+    ckpt = checkpoint.load_checkpoint(run)
+    model, vocab, _ = checkpoint.load_model(run)
+    optimizer = make_optimizer("sgd", model, lr=0.1)
+    checkpoint.save_checkpoint(run, step=ckpt.step, model=model, optimizer=optimizer, vocab=vocab,
+                               meta={**train_meta(ckpt), "max_item_len": 15}, device=torch.device("cpu"))
+    assert checkpoint.load_model(run)[2]["max_item_len"] == 15

@@ -37,6 +37,13 @@ def truncate(path, keep: float):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def poison(path, name, value=float("nan")):
+    """Re-save a safetensors file with one number of tensor `name` set to `value`, the header as it was."""
+    tensors, metadata = checkpoint.read_safetensors(path)
+    tensors[name].view(-1)[0] = value
+    path.write_bytes(st_save(tensors, metadata))
+
+
 def smaller_hidden(meta):
     (meta["model_config"] if "model_config" in meta else meta["config"])["n_hidden"] = 100
 
@@ -108,6 +115,15 @@ CASES = [
      ["--impl cudagraph", "--device cuda"]),
     ("compiled-with-autograd", None, ["train", "--impl", "compiled", "--grad", "autograd", "-o", "{tmp}/new"], REFUSED,
      ["--impl compiled", "--grad autograd"]),
+    ("model-nan-sample", lambda t, r: poison(r / checkpoint.MODEL_WEIGHTS, "batchnorm1.running_var"), ["sample"],
+     REFUSED, ["model.safetensors holds non-finite values in batchnorm1.running_var", "diverged"]),
+    ("model-nan-eval", lambda t, r: poison(r / checkpoint.MODEL_WEIGHTS, "batchnorm1.running_var"), ["eval"],
+     REFUSED, ["model.safetensors holds non-finite values in batchnorm1.running_var", "diverged"]),
+    ("model-inf-eval", lambda t, r: poison(r / checkpoint.MODEL_WEIGHTS, "linear1.weight", float("-inf")), ["eval"],
+     REFUSED, ["model.safetensors holds non-finite values in linear1.weight"]),
+    ("checkpoint-nan-resume", lambda t, r: poison(r / checkpoint.CHECKPOINT, "model.linear2.bias"),
+     ["train", "--resume", "--steps", "40"], REFUSED,
+     ["checkpoint.safetensors holds non-finite values in model.linear2.bias", "cannot be continued"]),
     ("sample-count-negative", None, ["sample", "-n", "-2"], ARGPARSE, ["--num-samples", "must not be negative"]),
     ("train-sample-count-negative", None, ["train", "-n", "-2"], ARGPARSE, ["--num-samples", "must not be negative"]),
     ("temperature-negative", None, ["sample", "--temperature", "-0.5"], ARGPARSE, ["--temperature", ">= 0"]),
@@ -120,8 +136,8 @@ def test_bad_input_is_one_line_and_touches_nothing(run, tmp_path, capsys, make, 
     if make is not None:
         make(tmp_path, run)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "-o" not in argv:
-        argv += ["-o", str(run)]
+    if "-o" not in argv:  # a fresh run into a new folder (a used one is refused first); the others at the saved run
+        argv += ["-o", str(tmp_path / "new") if argv[0] == "train" and "--resume" not in argv else str(run)]
     before_run, before_tmp = snapshot(run), snapshot(tmp_path)
     rc, _, err = run_cli(argv, capsys)
     assert rc == status

@@ -12,6 +12,7 @@ A run folder holds two self-contained files, each written atomically:
 
 Loading parses safetensors (a JSON header and raw numbers), so a file cannot
 run code; a pickle found where one of these is expected is refused by name.
+Neither file is ever written, nor loaded, with a NaN or an infinity in it.
 """
 from __future__ import annotations
 
@@ -94,6 +95,22 @@ def atomic_write_figure(path: Path, fig) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity; None when all are finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def refuse_non_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The last guard before a save: a diverged state is never written, and the file already there stays."""
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise HandgradError(f"refusing to save {path}: {bad} holds non-finite values (the run diverged); "
+                            "the files already saved are left as they were")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -179,10 +196,14 @@ def model_from_meta(path: Path, meta: dict, state: dict[str, torch.Tensor], devi
 
 def save_model(out_dir: Path, model: Model, vocab: Vocab, extra: dict | None = None) -> None:
     """model.safetensors (weights and BatchNorm running statistics, config and vocabulary in its header)
-    and model.json, a readable copy of the header."""
+    and model.json, a readable copy of the header. `extra` joins the header: the step, the data's
+    description, and max_item_len (the data's longest item, in characters: `sample`'s default --max-len).
+    Non-finite weights are refused, and nothing is written."""
     out_dir = Path(out_dir)
     meta = {"config": model.config.to_dict(), "vocab": vocab.chars, **(extra or {})}
-    save_tensors(out_dir / MODEL_WEIGHTS, model.state_dict(),
+    state = model.state_dict()
+    refuse_non_finite(out_dir / MODEL_WEIGHTS, state)
+    save_tensors(out_dir / MODEL_WEIGHTS, state,
                  {"format": MODEL_FORMAT, HEADER_KEY: json.dumps(meta, ensure_ascii=False)})
     atomic_write_json(out_dir / MODEL_META, meta)
 
@@ -211,6 +232,10 @@ def load_model(out_dir: Path, device=None, dtype=None) -> tuple[Model, Vocab, di
     path, state, meta = read_run_file(
         out_dir, MODEL_WEIGHTS, "model file", MODEL_FORMAT,
         f"no saved model in {out_dir} (expected {MODEL_WEIGHTS}); train one with: handgrad train -o {out_dir}")
+    bad = non_finite(state)
+    if bad is not None:
+        raise HandgradError(f"{path} holds non-finite values in {bad} (a diverged run?); "
+                            "train it again, with a lower --lr")
     model, vocab = model_from_meta(path, meta, state, device=device, dtype=dtype)
     return model, vocab, meta
 
@@ -277,11 +302,15 @@ def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab:
     rng_tensors, rng_meta = rng_state(device)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"optimizer.{k}": v for k, v in optimizer.state_dict().items()}
+    refuse_non_finite(out_dir / CHECKPOINT, tensors)  # before either file is written
     tensors |= rng_tensors
     header = {"step": step, "model_config": model.config.to_dict(), "vocab": vocab.chars, **meta, **rng_meta}
     save_tensors(out_dir / CHECKPOINT, tensors,
                  {"format": CHECKPOINT_FORMAT, HEADER_KEY: json.dumps(header, ensure_ascii=False)})
-    save_model(out_dir, model, vocab, {"step": step, "data": meta.get("data")})
+    extra = {"step": step, "data": meta.get("data")}
+    if "max_item_len" in meta:  # the longest item of the data: `sample`'s default --max-len
+        extra["max_item_len"] = meta["max_item_len"]
+    save_model(out_dir, model, vocab, extra)
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
@@ -299,6 +328,10 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
         if part not in parts or not name:
             raise HandgradError(f"{path}: unexpected tensor {key!r}")
         parts[part][name if part != "rng" else key] = t
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise HandgradError(f"{path} holds non-finite values in {bad} (a diverged run?); it cannot be continued: "
+                            f"train again, with a lower --lr")
     return Checkpoint(path, step, meta, parts["model"], parts["optimizer"], parts["rng"])
 
 

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import math
+import os
 import sys
 
 from . import __version__
 from .allocator import keep_freed_memory
 from .errors import HandgradError
+
+# `sample --max-len` of a model whose header lacks max_item_len (saved before it had one): the
+# fixed limit samples had then
+FALLBACK_MAX_LEN = 100
 
 
 def positive_int(text: str) -> int:
@@ -63,7 +70,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--data", metavar="FILE", default=None,
                    help="text file, one item per line (default: built-in US census first names)")
     p.add_argument("--split", choices=["words", "examples"], default="words",
-                   help="split 80/10/10 by words (default) or by examples (the seed notebook's)")
+                   help="split 80/10/10 by words, or by examples as the seed notebook does (default words)")
     p.add_argument("--seed", type=int, default=42, help="seed for the shuffle, the init and the batches (default 42)")
 
 
@@ -74,16 +81,47 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--n-embd", type=positive_int, default=None, help="embedding size (default: the model's)")
     p.add_argument("--n-hidden", type=positive_int, default=None, help="hidden width (default: the model's)")
-    p.add_argument("--n-layers", type=positive_int, default=None, help="hidden layers, where the model has several")
+    p.add_argument("--n-layers", type=positive_int, default=None, help="hidden layers, where the model has several (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="floating-point type of the weights and activations (default float32)")
+
+
+def closest(word: str, candidates) -> str:
+    """'; did you mean X?' for the candidate nearest a misspelt `word`, or nothing when none is near."""
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr (`handgrad train: error: ...`), exit status 2, no usage block."""
+    """A bad flag is one line on stderr (`handgrad train: error: ...`), exit status 2, no usage block;
+    it names the help of the command it was given to and suggests the nearest flag or choice."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse hands a command's unknown flags up to the top-level parser, whose error would
+        # name `handgrad --help`; the command's own parser reports them instead
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            owner = self.subcommand(getattr(parsed, "command", None)) or self
+            first = next((u.partition("=")[0] for u in unknown if u.startswith("-")), None)
+            options = [o for a in owner._actions for o in a.option_strings]
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}" + (closest(first, options) if first else ""))
+        return parsed
+
+    def subcommand(self, name: str | None) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(name)
+        return None
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            raise argparse.ArgumentError(action, e.message + closest(str(value), action.choices)) from None
 
 
 def given_options(argv: list[str]) -> set[str]:
@@ -112,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--fused", action="store_true",
                    help="check the fused BatchNorm and cross-entropy (default: the stepwise chains, every intermediate)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples in the batch the check runs (default 32)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--fd-samples", type=nonnegative_int, default=8,
-                   help="coordinates per parameter for the float64 finite-difference check (0: skip)")
+                   help="coordinates per parameter for the float64 finite-difference check (default 8; 0: skip)")
 
     p = sub.add_parser("train", help="train a model with hand-written gradients")
     add_data_args(p)
@@ -123,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="out", help="run folder (default out)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimization steps (default: the model's; mlp 10000)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default: the model's; mlp 32)")
-    p.add_argument("--lr", type=nonnegative_float, default=None, help="peak learning rate (default: the model's; mlp 1.0)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the model's; mlp 1.0)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adamw"], default=None,
                    help="sgd (the seed's), momentum (sgd with momentum) or adamw (default: the model's; mlp sgd)")
     p.add_argument("--schedule", choices=["step", "cosine"], default=None,
@@ -132,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up steps of the cosine schedule (default: the model's)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=None,
                    help="weight decay of the embedding and weight matrices (default: the model's; mlp 0)")
-    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="momentum of --optimizer momentum (default 0.9)")
+    p.add_argument("--momentum", type=nonnegative_float, default=None, help="momentum of --optimizer momentum (default 0.9)")
     p.add_argument("--diagnostics", action="store_true",
                    help="at each evaluation, log tanh saturation and gradient-to-data ratios to metrics.jsonl and draw activations.png")
-    p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="steps between validation losses (0: only at the end)")
+    p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="steps between validation losses (default 1000; 0: only at the end)")
     p.add_argument("--log-every", type=positive_int, default=100, help="steps between logged train losses (default 100)")
     p.add_argument("--impl", choices=["auto", "eager", "replay", "compiled", "cudagraph"], default="auto",
                    help="how the manual step runs: eager (the layers' methods, call by call), replay (the eager "
@@ -144,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers and compiled; seconds to a minute to compile), cudagraph (GPU only: the eager step "
                         "recorded once as a CUDA graph and replayed), or auto: cudagraph on a GPU; on a CPU, compiled "
                         "on one thread when the run is long and its batches large enough to repay the compile, else "
-                        "replay (default)")
+                        "replay (default auto)")
     p.add_argument("--grad", choices=["manual", "autograd"], default="manual",
-                   help="manual: the hand-written backward (default); autograd: the reference, to compare")
+                   help="manual: the hand-written backward; autograd: the reference, to compare (default manual)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: 1 for batches up to 256, whose steps are many tiny ops; "
                         "otherwise torch's default)")
     p.add_argument("--check-every", type=nonnegative_int, default=0,
-                   help="compare manual and autograd gradients every N steps and stop on a mismatch (0: never)")
+                   help="compare manual and autograd gradients every N steps and stop on a mismatch (default 0: never)")
     p.add_argument("--no-check", action="store_true", help="skip the gradient check before the first step")
     p.add_argument("-n", "--num-samples", type=nonnegative_int, default=20, help="samples printed at the end (default 20)")
     p.add_argument("--save-every", type=nonnegative_int, default=1000,
@@ -159,23 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "Ctrl-C also saves one, at the end of the current step")
     p.add_argument("--stop-at", type=nonnegative_int, default=0, metavar="STEP",
                    help="save the whole training state after STEP steps and stop, as if interrupted there; "
-                        "the schedule still spans --steps, and --resume continues the same run (0: run to the end)")
+                        "the schedule still spans --steps, and --resume continues the same run (default 0: run to the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in -o from its last checkpoint, exactly as if it had not stopped; "
                         "--steps N sets a new total (the learning-rate schedule then spans N steps); other settings are the saved run's")
 
     p = sub.add_parser("sample", help="print items sampled from a saved model")
     p.add_argument("-o", "--out", default="out", help="run folder holding the model (default out)")
-    p.add_argument("-n", "--num-samples", type=nonnegative_int, default=20)
+    p.add_argument("-n", "--num-samples", type=nonnegative_int, default=20, help="items to print (default 20)")
+    p.add_argument("--max-len", type=positive_int, default=None, metavar="N",
+                   help="characters per item at most; an item still going at N is cut there, and stderr says how "
+                        "many were (default: the longest item of the training data, from the model's file; "
+                        f"{FALLBACK_MAX_LEN} for a model saved without it)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="softmax temperature; 0 picks the most likely (default 1.0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
     p = sub.add_parser("eval", help="print the loss of a saved model on each split")
     p.add_argument("-o", "--out", default="out", help="run folder holding the model (default out)")
     p.add_argument("-i", "--data", metavar="FILE", default=None,
                    help="data file (default: the one the model was trained on)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
     p = sub.add_parser("bench", help="training steps per second of the seed model: autograd, compiled autograd, "
                                      "the manual backward and its fast paths, side by side")
@@ -254,13 +296,20 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     from .checkpoint import load_model
-    from .sample import generate
+    from .sample import sample_items
     from .train import resolve_device
 
     device = resolve_device(args.device)
-    model, vocab, _ = load_model(args.out, device=device)
-    for s in generate(model, vocab, args.num_samples, temperature=args.temperature, seed=args.seed, device=device):
+    model, vocab, meta = load_model(args.out, device=device)
+    saved_max = meta.get("max_item_len")
+    max_len = args.max_len or (saved_max if type(saved_max) is int and saved_max > 0 else FALLBACK_MAX_LEN)
+    items, cut = sample_items(model, vocab, args.num_samples, temperature=args.temperature, seed=args.seed,
+                              max_len=max_len, device=device)
+    for s in items:
         print(s)
+    if cut:
+        print(f"handgrad: note: {cut} of {len(items)} samples reached --max-len {max_len} without ending",
+              file=sys.stderr)
     return 0
 
 
@@ -293,19 +342,79 @@ def cmd_bench(args) -> int:
 COMMANDS = {"check": cmd_check, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
 
 
+class OutputThatOutlivesItsReader:
+    """sys.stdout or sys.stderr for one command. When its reader goes away (`handgrad train | head -2`),
+    what is written from then on is discarded and the command carries on: a run still trains and saves."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.discarding = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.discard()
+
+    def discard(self) -> None:
+        # the file descriptor too: the interpreter flushes the original stream once more at exit,
+        # and on the closed pipe that flush would fail and print a warning
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass  # a stream with no descriptor of its own
+        finally:
+            os.close(devnull)
+        self.stream = open(os.devnull, "w", encoding="utf-8")
+        self.discarding = True
+
+    def release(self) -> None:
+        """Close the stand-in for a gone reader; the real streams stay open, the interpreter's."""
+        if self.discarding:
+            self.stream.close()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def output_that_outlives_its_reader():
+    """sys.stdout and sys.stderr guarded while a command runs, then put back as they were."""
+    streams = sys.stdout, sys.stderr
+    guards = [OutputThatOutlivesItsReader(s) if s is not None else None for s in streams]
+    sys.stdout, sys.stderr = guards
+    try:
+        yield
+    finally:
+        for guard in guards:
+            if guard is not None:
+                guard.flush()  # within the guard: what print() left buffered meets the gone reader here
+                guard.release()
+        sys.stdout, sys.stderr = streams
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except HandgradError as e:
-        print(f"handgrad: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("handgrad: interrupted", file=sys.stderr)
-        return 130
+    with output_that_outlives_its_reader():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        try:
+            return COMMANDS[args.command](args)
+        except HandgradError as e:
+            print(f"handgrad: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("handgrad: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ import torch
 from .data import Vocab
 
 
-@torch.no_grad()
 def generate(model, vocab: Vocab, n: int = 20, temperature: float = 1.0, seed: int | None = None,
              max_len: int = 100, device=None) -> list[str]:
-    """Sample n items in eval mode (BatchNorm uses its running statistics)."""
+    """Sample n items of at most max_len characters in eval mode (BatchNorm uses its running statistics)."""
+    return sample_items(model, vocab, n, temperature=temperature, seed=seed, max_len=max_len, device=device)[0]
+
+
+@torch.no_grad()
+def sample_items(model, vocab: Vocab, n: int, temperature: float = 1.0, seed: int | None = None,
+                 max_len: int = 100, device=None) -> tuple[list[str], int]:
+    """n sampled items, and how many of them were cut at max_len characters rather than ended by the model."""
     if n == 0:
-        return []
+        return [], 0
     gen = torch.Generator(device=device or "cpu")
     if seed is not None:
         gen.manual_seed(seed)
@@ -22,14 +28,17 @@ def generate(model, vocab: Vocab, n: int = 20, temperature: float = 1.0, seed: i
     try:
         block = model.config.block_size
         ctx = torch.zeros(n, block, dtype=torch.long, device=device)
-        out = torch.zeros(n, max_len, dtype=torch.long, device=device)
+        # max_len characters and one more token: the end of an item exactly max_len long
+        out = torch.zeros(n, max_len + 1, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        for t in range(max_len):
+        for t in range(max_len + 1):
             logits = model.forward(ctx)
             if temperature == 0:  # the limit T -> 0: always the most likely character
                 ix = logits.argmax(-1)
             else:
-                probs = torch.softmax(logits.double() / temperature, dim=-1)
+                # softmax(z / T) = softmax((z - max z) / T): every exponent <= 0, so a tiny T cannot overflow
+                shifted = logits.double() - logits.double().amax(-1, keepdim=True)
+                probs = torch.softmax(shifted / temperature, dim=-1)
                 ix = torch.multinomial(probs, 1, generator=gen).squeeze(1)
             ix = torch.where(done, torch.zeros_like(ix), ix)
             out[:, t] = ix
@@ -39,4 +48,5 @@ def generate(model, vocab: Vocab, n: int = 20, temperature: float = 1.0, seed: i
             ctx = torch.cat([ctx[:, 1:], ix[:, None]], dim=1)
     finally:
         model.train(was_training)
-    return [vocab.decode(row.tolist()) for row in out.cpu()]
+    cut = int((~done).sum())
+    return [vocab.decode(row.tolist()) for row in out[:, :max_len].cpu()], cut
