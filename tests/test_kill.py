@@ -34,10 +34,10 @@ def file_id(path):
 
 
 def wait_for_new_checkpoint(proc: subprocess.Popen, out, timeout: float = 120.0) -> None:
-    """Until the process has written a checkpoint of its own (then it is surely training)."""
+    """Until the process has written a checkpoint of its own past step 0 (then it is surely training)."""
     before = file_id(out / checkpoint.CHECKPOINT)
     deadline = time.monotonic() + timeout
-    while file_id(out / checkpoint.CHECKPOINT) in (before, None):
+    while file_id(out / checkpoint.CHECKPOINT) in (before, None) or checkpoint.load_checkpoint(out).step == 0:
         assert proc.poll() is None, f"the run exited early: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.005)

@@ -156,7 +156,7 @@ def test_checkpoints_every_n_steps_hold_the_whole_state(tmp_path, capsys, monkey
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda out, *, step, **kw: (save(out, step=step, **kw), saved.append(step)))
     out = tmp_path / "run"
     assert run_cli(["train", "-o", out, "--steps", 50, "--save-every", 20, *QUICK], capsys)[0] == 0
-    assert saved == [20, 40, 50]  # every 20 steps, and at the end
+    assert saved == [0, 20, 40, 50]  # the untrained state, every 20 steps, and at the end
     ckpt = checkpoint.load_checkpoint(out)
     assert ckpt.step == 50 and ckpt.meta["config"]["steps"] == 50
     assert {"rng.torch_cpu"} <= ckpt.rng.keys() and len(ckpt.meta["python_random"][1]) == 625
@@ -169,8 +169,9 @@ def test_checkpoints_every_n_steps_hold_the_whole_state(tmp_path, capsys, monkey
 def test_divergence_stops_with_the_step_and_a_hint(tmp_path, capsys):
     out = tmp_path / "run"
     rc, _, err = run_cli(["train", "-o", out, "--steps", 50, "--lr", 1e30, *QUICK], capsys)
-    assert_one_line_error(rc, err, "step 1: the loss became NaN or infinite", "lower the learning rate (--lr")
-    assert not (out / checkpoint.MODEL_WEIGHTS).exists() and not (out / checkpoint.CHECKPOINT).exists()
+    assert_one_line_error(rc, err, "step 1: the loss", "lower the learning rate (--lr",
+                          "the checkpoint of step 0 is left as it was")
+    assert checkpoint.load_checkpoint(out).step == 0  # the untrained state, saved before the first step
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -198,7 +199,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch
         rc, _, err = run_cli(["train", "-o", out, "--steps", 100, "--save-every", 10, "--impl", "eager", *QUICK], capsys)
     assert_one_line_error(rc, err, "step 25: the gradient of embedding.weight became NaN", "lower the learning rate",
                           "checkpoint of step 20 is left as it was")
-    assert sorted(saved) == [10, 20]
+    assert sorted(saved) == [0, 10, 20]
     after = snapshot(out)
     for name in (checkpoint.CHECKPOINT, checkpoint.MODEL_WEIGHTS, checkpoint.MODEL_META):
         assert after[name] == saved[20][name]
@@ -209,3 +210,27 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch
     assert "at step 20" in out_text
     assert checkpoint.load_checkpoint(out).meta["config"]["lr"] == 0.5
     assert all(torch.isfinite(t).all() for t in weights(out).values())
+
+
+def test_a_resumed_run_keeps_the_path_auto_chose_though_the_steps_left_would_choose_another(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """`--impl auto` chooses from the steps left: a run long enough to compile, resumed with too few steps left
+    to repay a compile, would replay (other arithmetic). The checkpoint records the path: the resumed run
+    compiles too, and ends bit for bit where the uninterrupted run does."""
+    from handgrad import fastpath
+
+    # 40 steps of batch 128 repay this compile, the 10 left after step 30 do not
+    monkeypatch.setattr(fastpath, "COMPILE_SECONDS", 30 * 1.05e-6 * 28)
+    assert fastpath.worth_compiling(40, 128) and not fastpath.worth_compiling(10, 128)
+    a, b = straight_and_resumed(tmp_path, capsys, monkeypatch, 40, 30, extra=("--batch-size", 128))
+    assert checkpoint.load_checkpoint(b).meta["step_impl"] == "compiled"
+    assert json.loads((b / "run.json").read_text())["impl"] == "compiled"
+    assert_same_run(a, b)
+
+
+def test_a_resume_that_changes_the_arithmetic_says_so(tmp_path, capsys):
+    out, _ = saved_run(tmp_path, capsys, "--save-every", 10)
+    rc, _, err = run_cli(["train", "-o", out, "--resume", "--steps", 30, "--impl", "eager", "--threads", 2], capsys)
+    assert rc == 0, err
+    assert ("warning: the saved run's steps ran replay, these run eager; --threads 2 where the saved run had 1: "
+            "the resumed run will not be bit-identical to an uninterrupted one") in err.splitlines()

@@ -137,6 +137,7 @@ class Dataset:
     X: dict[str, torch.Tensor]
     Y: dict[str, torch.Tensor]
     source: str
+    seed: int = 42  # the shuffle's seed: with `split_mode`, what rebuilds the same splits
 
     def sizes(self) -> dict[str, int]:
         return {s: int(self.Y[s].shape[0]) for s in SPLITS}
@@ -178,4 +179,4 @@ def make_dataset(
         for s, xs, ys in zip(SPLITS, Xall.tensor_split([n1, n2]), Yall.tensor_split([n1, n2])):
             X[s], Y[s] = xs, ys
     source = BUILTIN_NAME if path is None else str(path)
-    return Dataset(vocab, words, block_size, split, X, Y, source)
+    return Dataset(vocab, words, block_size, split, X, Y, source, seed)

@@ -8,29 +8,37 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, diagnostics, fastpath
-from .data import SPLITS, make_dataset
+from .data import BUILTIN_NAME, SPLITS, Dataset, make_dataset
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .gradcheck import check_model, format_table, passed
-from .model import DEFAULTS, TRAINING, ModelConfig, build_model
+from .model import DEFAULTS, TRAINING, Model, ModelConfig, build_model
 from .optim import learning_rate, make_optimizer
 from .sample import generate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers")
+OWN_RECIPE = "mlp"  # a model of one's own trains with the seed's recipe where nothing says otherwise
+
+
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, as `handgrad train`'s flags set them. None: the model's default
+    (model.DEFAULTS, model.TRAINING); `resolved` fills those in, and run.json records the values used."""
+
     data: str | None = None  # None: the built-in names
     out: str = "out"
     model: str = "mlp"
@@ -46,12 +54,12 @@ class TrainConfig:
     schedule: str | None = None  # step (the seed's) or cosine (with warm-up)
     warmup: int | None = None
     weight_decay: float | None = None
-    momentum: float = 0.9
+    momentum: float | None = None  # of the momentum optimizer; None: 0.9
     diagnostics: bool = False  # tanh saturation and gradient-to-data ratios at each evaluation
     seed: int = 42
     eval_every: int = 1000
     log_every: int = 100
-    save_every: int = 1000  # steps between checkpoints (0: only at the end and on Ctrl-C)
+    save_every: int = 1000  # steps between checkpoints (0: only at the start, the end and on Ctrl-C)
     stop_at: int = 0  # save and stop after this many steps, the schedule still spanning `steps` (0: run to the end)
     grad: str = "manual"  # or "autograd", to compare
     impl: str = "auto"  # manual step: eager, replay, compiled, cudagraph (fastpath), or auto (fastpath.choose_impl)
@@ -62,22 +70,66 @@ class TrainConfig:
     dtype: str = "float32"
     num_samples: int = 20
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with every training setting left as None filled in from the model's defaults."""
-        if self.model not in TRAINING:
-            raise HandgradError(f"unknown model {self.model!r}: choose one of {', '.join(TRAINING)}")
+    def resolved(self, refuse_idle: bool = True) -> "TrainConfig":
+        """A copy with every setting left as None filled in from the model's defaults; with `refuse_idle`,
+        the settings given that would do nothing are refused first (`refuse_idle_settings`)."""
+        if refuse_idle:
+            refuse_idle_settings(self)
         d = asdict(self)
-        for k, v in TRAINING[self.model].items():
+        recipe = TRAINING.get(self.model, TRAINING[OWN_RECIPE])
+        if d["schedule"] == "step" and d["warmup"] is None:
+            d["warmup"] = 0  # the step schedule has no warm-up, whatever the model's cosine one would be
+        for k, v in recipe.items():
+            if d[k] is None:
+                d[k] = v
+        if d["optimizer"] == "momentum" and d["momentum"] is None:
+            d["momentum"] = 0.9
+        for k, v in DEFAULTS.get(self.model, {}).items():
             if d[k] is None:
                 d[k] = v
         return TrainConfig(**d)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         d = dict(DEFAULTS[self.model])
-        for k in ("block_size", "n_embd", "n_hidden", "n_layers"):
+        for k in MODEL_SETTINGS:
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return ModelConfig(model=self.model, vocab_size=vocab_size, **d)
+
+
+def refuse_idle_settings(cfg: TrainConfig) -> None:
+    """A setting given that would change nothing is an error, not a silent no-op."""
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise HandgradError(f"--lr {cfg.lr:g}: the learning rate must be a positive number (0 would not train)")
+    for name in ("steps", "batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise HandgradError(f"{flag_name(name)} must be at least 1, got {value}")
+    recipe = TRAINING.get(cfg.model, TRAINING[OWN_RECIPE])
+    schedule = cfg.schedule or recipe["schedule"]
+    steps = cfg.steps or recipe["steps"]
+    if cfg.warmup and schedule != "cosine":
+        raise HandgradError(f"--warmup {cfg.warmup}: the {schedule} schedule has no warm-up; it belongs to --schedule cosine")
+    if cfg.warmup is not None and cfg.warmup and cfg.warmup >= steps:
+        raise HandgradError(f"--warmup {cfg.warmup} is not shorter than the run's {steps:,} steps: the learning rate "
+                            f"would never reach its peak")
+    optimizer = cfg.optimizer or recipe["optimizer"]
+    if cfg.momentum is not None and optimizer != "momentum":
+        raise HandgradError(f"--momentum belongs to --optimizer momentum; the {optimizer} optimizer would ignore it")
+    if cfg.stop_at and cfg.stop_at > steps:
+        raise HandgradError(f"--stop-at {cfg.stop_at:,} is beyond the run's {steps:,} steps (--steps): the run would "
+                            f"end before it")
+    if cfg.model == "mlp" and cfg.n_layers not in (None, 1):
+        raise HandgradError(f"--n-layers {cfg.n_layers}: the mlp has one hidden layer; --model deep-mlp stacks several")
+
+
+def idle_setting_warnings(cfg: TrainConfig, given: TrainConfig) -> list[str]:
+    """Defaults that do not fit the run as given: said in one line each, the run going ahead."""
+    warnings = []
+    if cfg.schedule == "cosine" and given.warmup is None and cfg.warmup >= cfg.steps:
+        warnings.append(f"warning: the default warm-up of {cfg.warmup:,} steps is not shorter than the run's "
+                        f"{cfg.steps:,}, so the learning rate never reaches its peak; pass --warmup N below {cfg.steps:,}")
+    return warnings
 
 
 SMALL_BATCH = 256  # up to this many examples a step is many tiny ops, which extra threads only slow down
@@ -219,49 +271,132 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 
 def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict:
-    """Train, evaluate, sample and save; returns run.json's content.
+    """`handgrad train`: build the data and the model that `cfg` describes, then hand them to `fit`;
+    returns run.json's content.
 
     With `resume` (from `resume_config`), continue that checkpoint's run: weights,
     optimizer state, generators, metrics, so the result is bit-identical to an
     uninterrupted run.
     """
-    cfg = cfg.resolved()
+    if cfg.model not in TRAINING:
+        raise HandgradError(f"unknown model {cfg.model!r}: choose one of {', '.join(TRAINING)}")
+    given, cfg = cfg, cfg.resolved(refuse_idle=resume is None)  # `fit` resolves `given` again, and says what it fills in
     device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
     torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
+    step_path(cfg, device, resume)  # a bad --impl refused before anything is loaded or written
+    prepare_run_folder(Path(cfg.out), fresh=resume is None)
+    ds = make_dataset(cfg.data, block_size=cfg.block_size, split=cfg.split, seed=cfg.seed)
+    model = build_model(cfg.model_config(len(ds.vocab)), seed=cfg.seed, device=device, dtype=DTYPES[cfg.dtype])
+    return fit(model, ds, given, resume=resume)
+
+
+def step_path(cfg: TrainConfig, device: torch.device, resume: checkpoint.Checkpoint | None) -> tuple[str, str]:
+    """The path the manual step takes (fastpath.choose_impl), and why. A resumed run left to `--impl auto`
+    takes the saved run's path, whatever the steps left would choose: another path does other arithmetic
+    (BatchNorm's sums, the table layer, the weights' layout), and the resumed run would not end bit for
+    bit where the uninterrupted one does."""
+    saved = (resume.meta.get("step_impl") if resume is not None else None)
+    if cfg.impl == "auto" and saved in fastpath.IMPLS and saved != "auto" and (saved != "cudagraph" or device.type == "cuda"):
+        fastpath.choose_impl(saved, cfg.grad, cfg.steps, cfg.batch_size, cfg.diagnostics, device.type,
+                             torch.get_num_threads())  # still possible here
+        return saved, f"auto: the saved run's path, so that the resumed run continues it bit for bit"
     start = resume.step if resume is not None else 0
-    # the step's path, settled (and a bad --impl refused) before anything is loaded or written
-    impl, why = fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
-                                     torch.get_num_threads())
-    out_dir = Path(cfg.out)
+    return fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
+                                torch.get_num_threads())
+
+
+def resume_changes(cfg: TrainConfig, resume: checkpoint.Checkpoint, impl: str) -> list[str]:
+    """One line for each change that makes a resumed run other arithmetic than the run it continues."""
+    saved = resume.meta.get("config") or {}
+    said = []
+    steps_saved = resume.meta.get("step_impl")
+    if steps_saved not in (None, impl):
+        said.append(f"the saved run's steps ran {steps_saved}, these run {impl}")
+    for key in ("device", "threads"):
+        if saved.get(key) is not None and saved[key] != getattr(cfg, key):
+            said.append(f"{flag_name(key)} {getattr(cfg, key)} where the saved run had {saved[key]}")
+    if not said:
+        return []
+    return [f"warning: {'; '.join(said)}: the resumed run will not be bit-identical to an uninterrupted one"]
+
+
+def prepare_run_folder(out_dir: Path, fresh: bool) -> None:
+    """Refuse a run folder that cannot take this run, before anything is printed or written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HandgradError(f"output path exists and is not a folder: {out_dir}")
-    ds = make_dataset(cfg.data, block_size=cfg.model_config(0).block_size, split=cfg.split, seed=cfg.seed)
+    if fresh:
+        checkpoint.refuse_existing_run(out_dir)
+
+
+def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkpoint.Checkpoint = False,
+        **settings) -> dict:
+    """Train `model` (a `Model`: layers and loss, any layers that keep the layer contract) on `data`
+    (a `Dataset` from `make_dataset`): the gradient check, the training loop with checkpoints, the
+    divergence watch and Ctrl-C, then the final losses, samples, run.json and loss.png in the run
+    folder, exactly as `handgrad train` does (it builds its model and data, then calls this).
+
+    Settings come from `config` (a `TrainConfig`), then from keyword arguments (`out="runs/mine"`,
+    `steps=2000`, ...); those left unset take the model family's recipe (model.TRAINING; the seed's
+    for a model of one's own). The model's own device, dtype and context length are the run's.
+    `resume=True` continues the run saved in the run folder (the same model and data, rebuilt);
+    returns run.json's content.
+    """
+    if not isinstance(model, Model):
+        raise HandgradError(f"fit trains a handgrad Model (layers and a loss), got {type(model).__name__}; "
+                            "wrap a Sequential as Model(config, net)")
+    if not isinstance(data, Dataset):
+        raise HandgradError(f"fit needs a Dataset from handgrad.make_dataset, got {type(data).__name__}")
+    given = replace(config or TrainConfig(), **settings)
+    params = model.parameters()
+    if not params:
+        raise HandgradError("the model has no parameters to train")
+    device, dtype = params[0].device, params[0].dtype
+    if dtype not in DTYPES.values():
+        raise HandgradError(f"the model's parameters are {dtype}; handgrad trains float32 or float64")
+    mc = model.config
+    if mc.block_size != data.block_size or mc.vocab_size != len(data.vocab):
+        raise HandgradError(f"the model takes contexts of {mc.block_size} over a vocabulary of {mc.vocab_size}; the data "
+                            f"has {data.block_size} and {len(data.vocab)} (len(data.vocab) counts the boundary token)")
+    # the run is the model's and the data's: its config records them, whatever `config` said
+    given = replace(given, model=mc.model, **{k: getattr(mc, k) for k in MODEL_SETTINGS},
+                    data=None if data.source == BUILTIN_NAME else data.source, split=data.split_mode,
+                    device=str(device), dtype=next(k for k, v in DTYPES.items() if v == dtype))
+    if resume is True:
+        overrides = {k: v for k, v in asdict(given).items() if v != getattr(TrainConfig, k, None)}
+        given, resume = resume_config(given.out, overrides)
+    resume = resume or None
+    cfg = given.resolved(refuse_idle=resume is None)  # a resumed run's settings were checked when it started
+    for line in idle_setting_warnings(cfg, given):
+        print(line, file=sys.stderr)
+    torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
+    cfg = replace(cfg, threads=torch.get_num_threads())  # recorded as used
+    start = resume.step if resume is not None else 0
+    impl, why = step_path(cfg, device, resume)
+    if resume is not None:
+        for line in resume_changes(cfg, resume, impl):
+            print(line, file=sys.stderr)
+    out_dir = Path(cfg.out)
+    prepare_run_folder(out_dir, fresh=resume is None)
+    ds = data
     sizes = ds.sizes()
     print(f"data: {ds.source}: {len(ds.words)} distinct items, vocabulary {len(ds.vocab)}, "
           f"context {ds.block_size}; examples train {sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}")
     if sizes["train"] == 0:
         raise HandgradError("the training split is empty")
-    mcfg = cfg.model_config(len(ds.vocab))
-    manual_eager = cfg.grad == "manual" and impl in ("eager", "replay")  # the layers' own calls, one by one
-    # narrow weights by columns for those steps on a CPU, where they are faster
-    model = build_model(mcfg, seed=cfg.seed, device=device, dtype=dtype,
-                        narrow_by_columns=manual_eager and device.type == "cpu")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     print(f"optimizer: {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} schedule"
           + (f", warm-up {cfg.warmup}" if cfg.schedule == "cosine" else "")
           + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
           + f"; {cfg.steps:,} steps of batch {cfg.batch_size}")
-    print(f"model: {mcfg.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
+    print(f"model: {mc.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
     require_batch_statistics(model, cfg.batch_size)
-    data_meta = {"source": ds.source, "split": cfg.split, "seed": cfg.seed, "items": len(ds.words),
+    data_meta = {"source": ds.source, "split": ds.split_mode, "seed": ds.seed, "items": len(ds.words),
                  "sha256": checkpoint.data_fingerprint(ds.words)}
+    max_item_len = max(map(len, ds.words))  # `sample`'s default --max-len
     if resume is not None:
-        checkpoint.check_resumable(resume, mcfg.to_dict(), data_meta)
+        checkpoint.check_resumable(resume, mc.to_dict(), data_meta)
         resume.restore(model, optimizer)
         print(f"resuming {resume.path} at step {resume.step:,} of {cfg.steps:,}")
-    else:
-        checkpoint.refuse_existing_run(out_dir)
     X = {s: ds.X[s].to(device) for s in SPLITS}
     Y = {s: ds.Y[s].to(device) for s in SPLITS}
 
@@ -304,7 +439,11 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
                 f"handgrad train -o {out_dir} --resume --lr LOWER")
 
     names = [name for name, _ in model.named_parameters()]  # optimizer.grads follow the parameters' order
-    watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk, model.grad_buffer)
+    state = [(f"the weight {n}", p) for n, p in zip(names, optimizer.params)]
+    state += [(f"the running statistic {n}", b) for n, b in model.named_buffers() if b.is_floating_point()]
+    start_loss = next((r["train_loss"] for r in metrics if r.get("step") == 0 and "train_loss" in r), None)
+    watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk, model.grad_buffer, state=state,
+                            vocab_size=len(ds.vocab), start_loss=start_loss)
 
     def save(step: int) -> None:
         """Only a run checked finite is saved; metrics reach the disk before the checkpoint that counts them."""
@@ -314,11 +453,12 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     def write_checkpoint(step: int) -> None:
         nonlocal last_saved
         watch.check()
-        watch.check_weights(step, model.parameters())
+        watch.check_state(step)
         mf.flush()
         os.fsync(mf.fileno())
         checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, vocab=ds.vocab, device=device,
-                                   meta={"config": asdict(cfg), "data": data_meta, "elapsed": time.perf_counter() - t0})
+                                   meta={"config": asdict(cfg), "data": data_meta, "elapsed": time.perf_counter() - t0,
+                                         "step_impl": impl, "max_item_len": max_item_len})
         last_saved = step
 
     progress = Progress(cfg.steps, initial=start)
@@ -330,8 +470,11 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     Xtrain, Ytrain = X["train"], Y["train"]
     # the manual eager and replayed steps run with autograd off: the loop stays in inference mode, rather
     # than each step entering and leaving it (fastpath.in_inference_mode)
+    manual_eager = cfg.grad == "manual" and impl in ("eager", "replay")  # the layers' own calls, one by one
     loop_mode = torch.inference_mode() if manual_eager else contextlib.nullcontext()
     with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf, gc_frozen(), loop_mode:
+        if resume is None:  # the untrained state, so that a run that diverges early still leaves one to resume
+            save(0)
         for step in range(start, cfg.steps):
             lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup)
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
@@ -352,11 +495,13 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
             if log or evaluate_now:
                 loss_value = float(loss)
                 watch.check()
+                watch.check_state(step)
                 rec = {"step": step, "lr": lr, "train_loss": loss_value}
                 if evaluate_now and cfg.diagnostics:  # before evaluate, which drops the batch's activations
                     rec.update(diagnostics.measure(model))
                 if evaluate_now:
                     rec["val_loss"] = evaluate(model, X["val"], Y["val"])
+                    watch.check_value(step, "validation loss", rec["val_loss"])
                 rec["elapsed"] = time.perf_counter() - t0
                 mf.write(json.dumps(rec) + "\n")
                 metrics.append(rec)
@@ -384,16 +529,18 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     elapsed = time.perf_counter() - t0
 
     final = {s: evaluate(model, X[s], Y[s]) for s in SPLITS}
+    for s in SPLITS:
+        watch.check_value(cfg.steps, f"final {s} loss", final[s])
     print(f"final loss (eval mode): train {final['train']:.4f} | val {final['val']:.4f} | test {final['test']:.4f} "
           f"({cfg.steps:,} steps in {elapsed:.1f}s, {cfg.steps / max(elapsed, 1e-9):,.0f} steps/s)")
-    samples = generate(model, ds.vocab, cfg.num_samples, seed=cfg.seed, device=device)
+    samples = generate(model, ds.vocab, cfg.num_samples, seed=cfg.seed, device=device, max_len=max_item_len)
     print("samples:")
     for s in samples:
         print(f"  {s}")
     checkpoint.atomic_write_bytes(out_dir / "samples.txt", ("\n".join(samples) + "\n").encode("utf-8"))
     run = {
         "config": asdict(cfg),
-        "model_config": mcfg.to_dict(),
+        "model_config": mc.to_dict(),
         "num_params": model.num_params(),
         "data": {"source": ds.source, "items": len(ds.words), "sizes": sizes},
         "vocab": ds.vocab.chars,
@@ -438,6 +585,13 @@ def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkp
                 f"{flag_name(key)} {value} differs from the saved run's {saved.get(key)}: a resumed run keeps its "
                 f"settings; only {', '.join(flag_name(k) for k in RESUME_CAN_CHANGE if k != 'out')} can change")
     changed = {k: v for k, v in given.items() if k in RESUME_CAN_CHANGE}
+    if changed.get("stop_at") and changed["stop_at"] <= ckpt.step:
+        raise HandgradError(f"--stop-at {changed['stop_at']:,} is not beyond the saved step {ckpt.step:,}")
+    saved = dict(saved)
+    if saved.get("optimizer") != "momentum":
+        saved["momentum"] = None  # earlier versions recorded the momentum of optimizers that have none
+    if saved.get("stop_at") and saved["stop_at"] <= ckpt.step:
+        saved["stop_at"] = 0  # the stop it made: done
     try:
         cfg = TrainConfig(**{**saved, **changed, "out": str(out)})
     except TypeError as e:
