@@ -8,8 +8,7 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
   torch.compile (autograd then runs the compiled backward graph) and the
   optimizer's step compiled too.
 - `manual`: the hand-written backward run eagerly, as `handgrad train --impl eager`
-  runs it: `fastpath.manual_step` (the layers' methods), then the optimizer's `step`;
-  on a CPU the output layer's weight laid out by columns, as train lays it out.
+  runs it: `fastpath.manual_step` (the layers' methods), then the optimizer's `step`.
 - `manual-replay`: `fastpath.ReplayStep`, that eager step's torch calls recorded once
   and replayed (what `handgrad train` runs on a CPU unless it compiles), then the
   optimizer's `step`.
@@ -69,13 +68,11 @@ class Runner:
     """One implementation at one batch size: `run(n)` takes n training steps (n a multiple of `chunk`)."""
 
     chunk = 1
-    narrow_by_columns = False  # the model's layout, as `handgrad train` builds it for this path
 
     def __init__(self, model_config: ModelConfig, batch_size: int, X, Y, device, seed: int):
         self.batch_size, self.X, self.Y, self.device = batch_size, X, Y, device
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.model = build_model(model_config, seed=seed, device=device,
-                                 narrow_by_columns=self.narrow_by_columns and device.type == "cpu")
+        self.model = build_model(model_config, seed=seed, device=device)
 
     def draw(self, *shape) -> torch.Tensor:
         return torch.randint(0, len(self.Y), shape, generator=self.gen, device=self.device)
@@ -90,8 +87,6 @@ class Runner:
 
 
 class ManualRunner(Runner):
-    narrow_by_columns = True
-
     def __init__(self, *args):
         super().__init__(*args)
         self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)

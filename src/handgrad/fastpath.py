@@ -305,15 +305,10 @@ class CompiledStep:
             raise HandgradError("the compiled step trains: put the model in training mode first")
         lr = None if self.optimizer is None else float(self.optimizer.lr if lr is None else lr)
         key = (None if idx is None else tuple(idx.shape), tuple(X.shape), X.device, self.model.parameters()[0].dtype, lr)
-        if key in self._seen:
-            # this exact call has compiled before: check only the guards that tell compiled
-            # versions apart (the learning rate), not every attribute the trace read
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True), torch.no_grad():
-                losses = self._compiled(X, Y, idx, lr)
-        else:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                losses = self._compiled(X, Y, idx, lr)
+        t0 = time.perf_counter()
+        with torch.no_grad():  # every guard checked on every call: a graph runs only where its trace still holds
+            losses = self._compiled(X, Y, idx, lr)
+        if key not in self._seen:
             self._seen.add(key)
             self.compile_seconds += time.perf_counter() - t0
         if self.optimizer is not None:  # counted here, outside the graph

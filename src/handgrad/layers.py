@@ -21,33 +21,21 @@ def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     at = base.data_ptr()
     for t in tensors:
-        if t._base is not base or not dense(t) or t.data_ptr() != at:
+        if t._base is not base or not t.is_contiguous() or t.data_ptr() != at:
             return None
         at += t.numel() * t.element_size()
     return base if at == base.data_ptr() + base.numel() * base.element_size() else None
 
 
-def transposed(t: torch.Tensor) -> bool:
-    """A matrix laid out column by column: the transpose of a contiguous matrix."""
-    return t.ndim == 2 and not t.is_contiguous() and t.T.is_contiguous()
-
-
-def dense(t: torch.Tensor) -> bool:
-    """Contiguous, or a transposed contiguous matrix: either way its numbers fill one block."""
-    return t.is_contiguous() or transposed(t)
-
-
 def memory_order(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of `t`'s numbers in the order they lie in memory (`t` contiguous or transposed)."""
-    return (t.T if transposed(t) else t).view(-1)
+    return t.view(-1)
 
 
 def views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of `flat`, end to end, of the shapes and layouts of `tensors` (what `packed` finds again)."""
+    """Contiguous views of `flat`, end to end, of the shapes of `tensors` (what `packed` finds again)."""
     views, start = [], 0
     for t in tensors:
-        block = flat[start:start + t.numel()]
-        views.append(block.view(t.shape[::-1]).T if transposed(t) else block.view(t.shape))
+        views.append(flat[start:start + t.numel()].view(t.shape))
         start += t.numel()
     return views
 
@@ -184,11 +172,13 @@ class FlattenConsecutive(Module):
 PAD_MIN_ROWS = 1024  # matmuls over at least this many rows pad a narrow output side
 
 
-def output_padding(width: int, rows: int) -> int:
+def output_padding(width: int, rows: int, device: torch.device) -> int:
     """Zero columns that bring a Linear's output width up to a multiple of 16 floats (64 bytes), for
-    matmuls over many rows: on a CPU core, 8192 x 200 by 200 x 27 and its two backward products run
-    about 1.3x faster padded to 32 columns, copies of the padding included (docs/bench.md)."""
-    return -width % 16 if rows >= PAD_MIN_ROWS and width < 64 else 0
+    matmuls over many rows on a CPU, where it was measured: on one core, 8192 x 200 by 200 x 27 and
+    its two backward products run about 1.3x faster padded to 32 columns, copies of the padding
+    included (docs/bench.md). The real columns come out bit for bit as unpadded (tests/test_layers.py
+    checks this on the machine it runs on): each output entry is the same dot product."""
+    return -width % 16 if device.type == "cpu" and rows >= PAD_MIN_ROWS and width < 64 else 0
 
 
 class Linear(Module):
@@ -201,21 +191,12 @@ class Linear(Module):
         if bias:
             self.add_param("bias", torch.zeros(fan_out))
 
-    def lay_out_by_columns(self) -> "Linear":
-        """Lay the weight and its gradient buffer out column by column: the same shape and values, the
-        transposed strides. On a CPU core, eagerly, a narrow output's weight gradient x^T dy then writes
-        rows of fan_in numbers instead of fan_out: 1.5x faster for 32 x 200 by 200 x 27 (docs/bench.md).
-        Call it before `Model.to`, which lays every parameter into one tensor (each keeps its layout)."""
-        for tensors in (self.params, self.grads):
-            tensors["weight"] = tensors["weight"].T.contiguous().T
-        return self
-
     def forward(self, x):
         if x.ndim != 2:  # (batch, time, channels): the rows of every time step are one matrix
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         self.saved["x"] = x
         w, b = self.params["weight"], self.params.get("bias")
-        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0])  # rows first: small batches skip the call
+        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0], x.device)  # rows first: small batches skip the call
         if pad:  # multiply by the weight padded with zero columns, keep the real columns
             w = F.pad(w, (0, pad))
             b = None if b is None else F.pad(b, (0, pad))
@@ -229,8 +210,8 @@ class Linear(Module):
         w, x = self.params["weight"], self.saved["x"]
         if "bias" in self.grads:
             self.grads["bias"].add_(dout.sum(0))
-        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0])
-        if pad:  # zero columns in dy and W add exact zeros: the same sums, in faster matmul shapes
+        pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0], x.device)
+        if pad:  # zero columns in dy and W: the real columns' products as unpadded, in faster matmul shapes
             dout, w = F.pad(dout, (0, pad)), F.pad(w, (0, pad))
             self.grads["weight"].add_(torch.mm(x.T, dout)[:, :-pad])
         else:
@@ -281,7 +262,7 @@ class EmbeddingLinear(Module):
     def tables(self, T: int):
         """(T, V, H): P_t = C W_t, what position t's id contributes to the output."""
         C, W = self.params["embedding"], self.params["weight"]
-        return torch.matmul(C, W.reshape(T, C.shape[1], W.shape[1]))  # a view, or a copy of a weight laid out by columns
+        return torch.matmul(C, W.view(T, C.shape[1], W.shape[1]))
 
     @staticmethod
     def stacked_rows(idx, V: int):
@@ -310,7 +291,7 @@ class EmbeddingLinear(Module):
         C, W = self.params["embedding"], self.params["weight"]
         T, E, H = dtables.shape[0], C.shape[1], W.shape[1]
         self.grads["weight"].add_(torch.matmul(C.T, dtables).view(T * E, H))
-        self.grads["embedding"].add_(torch.matmul(dtables, W.reshape(T, E, H).transpose(1, 2)).sum(0))
+        self.grads["embedding"].add_(torch.matmul(dtables, W.view(T, E, H).transpose(1, 2)).sum(0))
 
 
 class EmbeddingLinearBatchNormTanh(Module):

@@ -239,16 +239,10 @@ TRAINING = {
 }
 
 
-def build_model(config: ModelConfig, seed: int = 42, device=None, dtype=None, narrow_by_columns: bool = False) -> Model:
-    """The model of `config`, its weights drawn from `seed`. `narrow_by_columns` lays out the weights of
-    the Linears with fewer outputs than inputs column by column (`Linear.lay_out_by_columns`): faster for
-    the eager and replayed steps on a CPU; the compiled step measured slower with it (docs/bench.md)."""
+def build_model(config: ModelConfig, seed: int = 42, device=None, dtype=None) -> Model:
+    """The model of `config`, its weights drawn from `seed`."""
     if config.model not in MODELS:
         raise HandgradError(f"unknown model {config.model!r}: choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
     model = Model(config, MODELS[config.model](config))
-    if narrow_by_columns:
-        for layer in model.net.layers.values():
-            if isinstance(layer, Linear) and layer.params["weight"].shape[1] < layer.params["weight"].shape[0]:
-                layer.lay_out_by_columns()
     return model.to(device, dtype)

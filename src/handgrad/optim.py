@@ -38,8 +38,7 @@ class Optimizer:
         # three flat tensors, whatever the number of parameters: `flat` holds them, else it is None.
         flat_params, flat_grads = packed(params), packed(grads)
         self.flat: dict[str, torch.Tensor] | None = None
-        same_layouts = all(p.stride() == g.stride() for p, g in zip(params, grads))  # number i of each is the same entry
-        if flat_params is not None and flat_grads is not None and flat_params.shape == flat_grads.shape and same_layouts:
+        if flat_params is not None and flat_grads is not None and flat_params.shape == flat_grads.shape:
             self.flat = {"params": flat_params, "grads": flat_grads}
         self.state: dict[str, list[torch.Tensor]] = {}
         for name in self.state_names:
