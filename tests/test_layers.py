@@ -46,30 +46,32 @@ def test_tanh(shape):
 
 @pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
-def test_linear(shape, bias, by_columns):
+def test_linear(shape, bias):
     torch.manual_seed(1)
-    layer = Linear(shape[-1], 6, bias=bias)
-    if by_columns:
-        layer.lay_out_by_columns()
-    layer = f64(layer)
-    assert layer.params["weight"].is_contiguous() != by_columns
+    layer = f64(Linear(shape[-1], 6, bias=bias))
     results = check_layer(layer, randn(*shape))
     assert_ok(results)
     assert {r.name for r in results} >= ({"input", "weight", "bias"} if bias else {"input", "weight"})
 
 
-def test_a_weight_laid_out_by_columns_keeps_its_values_and_its_gradient_buffer_follows():
-    torch.manual_seed(3)
-    layer = Linear(9, 4)
-    drawn = layer.params["weight"].clone()
-    layer.lay_out_by_columns()
-    w, g = layer.params["weight"], layer.grads["weight"]
-    assert torch.equal(w, drawn) and w.shape == (9, 4)
-    assert not w.is_contiguous() and w.T.is_contiguous()
-    assert g.stride() == w.stride() and not g.any()
-    moved = f64(layer)
-    assert moved.params["weight"].stride() == w.stride() and moved.grads["weight"].stride() == w.stride()
+@pytest.mark.parametrize("rows,width", [(1024, 27), (3000, 10), (1500, 50)])
+def test_a_narrow_output_padded_over_many_rows_gives_the_unpadded_numbers_bit_for_bit(rows, width):
+    """On a CPU, 1,024 rows or more pad a narrow output to a multiple of 16 columns: the real columns
+    must come out exactly as the unpadded products (each is the same dot product)."""
+    from handgrad.layers import output_padding
+
+    assert output_padding(width, rows, torch.device("cpu")) > 0
+    torch.manual_seed(5)
+    layer = Linear(40, width).to(dtype=torch.float32)
+    layer.params["bias"].normal_()
+    x, d = torch.randn(rows, 40), torch.randn(rows, width)
+    w, b = layer.params["weight"], layer.params["bias"]
+    with torch.no_grad():
+        out = layer.forward(x)
+        dx = layer.backward(d)
+    assert torch.equal(out, torch.addmm(b, x, w))
+    assert torch.equal(dx, d @ w.T)
+    assert torch.equal(layer.grads["weight"], x.T @ d) and torch.equal(layer.grads["bias"], d.sum(0))
 
 
 @pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])
@@ -147,11 +149,9 @@ def test_linear_with_padded_output(shape, bias):
 
 @pytest.mark.parametrize("batch", [4, 40, 100])  # vocabulary 7: 4 takes the layers' route, 40 and 100 the tables'
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
-def test_embedding_linear(batch, bias, by_columns):
+def test_embedding_linear(batch, bias):
     torch.manual_seed(6)
-    linear = Linear(3 * 4, 5, bias=bias)
-    emb, linear = f64(Embedding(7, 3)), f64(linear.lay_out_by_columns() if by_columns else linear)
+    emb, linear = f64(Embedding(7, 3)), f64(Linear(3 * 4, 5, bias=bias))
     fused = EmbeddingLinear(emb, linear)
     idx = torch.randint(0, 7, (batch, 4), generator=torch.Generator().manual_seed(7))
     results = check_layer(fused, idx)
@@ -293,3 +293,57 @@ def test_linear_bn_tanh_random_shapes(batch, time, fan_in, fan_out, seed):
     net = f64(Sequential([("linear", Linear(fan_in, fan_out)), ("bn", BatchNorm1d(fan_out)), ("tanh", Tanh())]))
     x = torch.randn(batch, time, fan_in, dtype=torch.float64) if time > 1 else torch.randn(batch, fan_in, dtype=torch.float64)
     assert_ok(check_layer(net, x))
+
+
+def f32(layer):
+    return layer.to(dtype=torch.float32)
+
+
+def float32_layer(name):
+    """A layer of each family in float32, and an input for it."""
+    torch.manual_seed(12)
+    ids = torch.randint(0, 7, (40, 4), generator=torch.Generator().manual_seed(13))
+    x = randn(5, 4).float()
+    if name == "tanh":
+        return Tanh().to(dtype=torch.float32), x
+    if name == "linear":
+        return f32(Linear(4, 6)), randn(2, 3, 4).float()
+    if name == "batchnorm":
+        layer = f32(BatchNorm1d(6))
+        layer.params["weight"].copy_(randn(6, seed=3).abs() + 0.5)
+        return layer, randn(8, 6).float() * 3 + 1
+    if name == "batchnorm-stepwise":
+        return f32(BatchNorm1dStepwise(6)), randn(4, 3, 6).float()
+    if name == "batchnorm-eval":
+        return f32(BatchNorm1d(4)).eval(), x
+    if name == "embedding":
+        return f32(Embedding(7, 3)), ids
+    if name == "flatten-consecutive":
+        return FlattenConsecutive(2), randn(3, 4, 2).float()
+    if name == "embedding-linear":
+        return EmbeddingLinear(f32(Embedding(7, 3)), f32(Linear(12, 5))), ids
+    if name == "embedding-linear-batchnorm-tanh":  # 40 rows of a vocabulary of 7: the tables' route
+        return EmbeddingLinearBatchNormTanh(f32(Embedding(7, 3)), f32(Linear(12, 6)), f32(BatchNorm1d(6)),
+                                            Tanh().to(dtype=torch.float32)), ids
+    assert name == "sequential"
+    return f32(Sequential([("linear", Linear(4, 6)), ("bn", BatchNorm1dStepwise(6)), ("tanh", Tanh())])), x
+
+
+@pytest.mark.parametrize("name", ["tanh", "linear", "batchnorm", "batchnorm-stepwise", "batchnorm-eval",
+                                  "embedding", "flatten-consecutive", "embedding-linear",
+                                  "embedding-linear-batchnorm-tanh", "sequential"])
+def test_every_layer_passes_its_check_in_float32(name):
+    """Central differences run on a float64 copy; autograd is compared within float32's bounds."""
+    layer, x = float32_layer(name)
+    assert all(p.dtype == torch.float32 for _, p in layer.named_parameters())
+    assert_ok(check_layer(layer, x))
+
+
+def test_check_catches_a_wrong_backward_in_float32():
+    class TanhWithoutSquare(Tanh):
+        def backward(self, dout):
+            return dout * (1 - self.saved["out"])
+
+    results = check_layer(TanhWithoutSquare().to(dtype=torch.float32), randn(5, 4).float())
+    bad = {(r.name, r.kind) for r in results if not r.close}
+    assert bad == {("input", "intermediate"), ("input", "finite-difference")}
