@@ -53,3 +53,42 @@ def test_examples_cover_every_character_and_the_end():
     vocab = Vocab.from_words(["ab"])
     X, Y = build_examples(["ab"], vocab, 3)
     assert X.shape == (3, 3) and torch.equal(Y, torch.tensor([1, 2, 0]))
+
+
+def test_sequence_data_counts_exactly_the_predictions_the_examples_count():
+    from handgrad.data import IGNORE, make_sequence_dataset
+
+    ex, seq = make_dataset(None, block_size=3), make_sequence_dataset(None)
+    assert seq.sequences and not ex.sequences
+    assert seq.words == ex.words  # the same shuffle, so the same words in each split
+    assert seq.targets() == ex.targets() == ex.sizes()
+    longest = max(map(len, seq.words)) + 1
+    assert seq.block_size == longest and seq.X["train"].shape[1] == longest
+    # a row: the start token and the characters in; the characters and the end token out; padding ignored
+    n_train = int(0.8 * len(seq.words))
+    for row, w in enumerate(seq.words[:n_train][:50]):
+        ids = seq.vocab.encode(w)
+        assert seq.X["train"][row, : len(ids) + 1].tolist() == [Vocab.BOUNDARY] + ids
+        assert seq.Y["train"][row, : len(ids) + 1].tolist() == ids + [Vocab.BOUNDARY]
+        assert (seq.Y["train"][row, len(ids) + 1:] == IGNORE).all()
+        assert (seq.X["train"][row, len(ids) + 1:] == Vocab.BOUNDARY).all()
+    # each target but the end token is the next position's input: the shift by one
+    X, Y = seq.X["train"], seq.Y["train"]
+    inner = (Y[:, :-1] != IGNORE) & (Y[:, :-1] != Vocab.BOUNDARY)
+    assert torch.equal(X[:, 1:][inner], Y[:, :-1][inner]) and inner.sum() > 1000
+
+
+def test_sequence_items_longer_than_the_context_are_refused_or_cut_with_a_warning(tmp_path, capsys):
+    import pytest
+
+    from handgrad.data import make_sequence_dataset
+    from handgrad.errors import HandgradError
+
+    path = tmp_path / "d.txt"
+    path.write_text("\n".join(["abcdefgh", "ab", "abc", "b", "c", "d", "cab", "bad", "dab", "ca", "ac"]) + "\n")
+    with pytest.raises(HandgradError, match="1 items are longer than the context of 5 positions .*needs 9"):
+        make_sequence_dataset(path, context=5)
+    ds = make_sequence_dataset(path, context=5, cut=True)
+    assert "cut 1 items longer than the context of 5" in capsys.readouterr().err
+    assert "abcd" in ds.words and ds.X["train"].shape[1] == 5
+    assert sum(ds.targets().values()) == sum(len(w) + 1 for w in ds.words)

@@ -191,3 +191,15 @@ def test_quoted_code_is_the_source_as_it_is():
         assert source.exists(), f"{page.relative_to(ROOT)} quotes {path}, which does not exist"
         assert code in source.read_text(encoding="utf-8"), (
             f"{page.relative_to(ROOT)} quotes {path}, but the code there has changed: copy it again")
+
+
+def test_the_readme_is_a_newcomers_page_in_the_order_they_need():
+    """What handgrad is, the two commands, what a run prints, the gradient check, Python, results, links; a
+    few screens, the benchmark narrative in docs/."""
+    text = README.read_text(encoding="utf-8")
+    headings = [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
+    wanted = ["Two commands", "What a run prints", "The gradient check", "Using it from Python", "Results", "More"]
+    found = [next((i for i, h in enumerate(headings) if h.startswith(w)), None) for w in wanted]
+    assert None not in found and found == sorted(found), headings
+    assert len(text.encode("utf-8")) < 16_000
+    assert "docs/python.md" in text and "docs/bench.md" in text

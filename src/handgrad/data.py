@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +127,27 @@ def build_examples(words: list[str], vocab: Vocab, block_size: int) -> tuple[tor
     return X, Y
 
 
+IGNORE = -1  # the target of a padding position in sequence data: the loss counts none of them
+
+
+def build_sequences(words: list[str], vocab: Vocab, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per item: the inputs are the start token and the characters, the targets the characters and
+    the end token (each input's next token), both padded to `length` positions; a padding position's input
+    is the boundary token and its target IGNORE. The real targets are exactly the examples `build_examples`
+    makes: every character and the end of every item."""
+    X = torch.full((len(words), length), Vocab.BOUNDARY, dtype=torch.long)
+    Y = torch.full((len(words), length), IGNORE, dtype=torch.long)
+    for row, w in enumerate(words):
+        ids = vocab.encode(w)
+        X[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        Y[row, :len(ids) + 1] = torch.tensor(ids + [Vocab.BOUNDARY], dtype=torch.long)
+    return X, Y
+
+
 @dataclass
 class Dataset:
-    """Vocabulary, words and the three splits of examples."""
+    """Vocabulary, words and the three splits: of examples (a context of `block_size` ids and the next id),
+    or with `sequences`, of whole items (`block_size` positions each, padding's targets IGNORE)."""
 
     vocab: Vocab
     words: list[str]
@@ -138,9 +157,15 @@ class Dataset:
     Y: dict[str, torch.Tensor]
     source: str
     seed: int = 42  # the shuffle's seed: with `split_mode`, what rebuilds the same splits
+    sequences: bool = False
 
     def sizes(self) -> dict[str, int]:
+        """Rows per split: examples, or items for sequence data."""
         return {s: int(self.Y[s].shape[0]) for s in SPLITS}
+
+    def targets(self) -> dict[str, int]:
+        """Predictions the loss counts per split: the same numbers for both kinds of data."""
+        return {s: int((self.Y[s] != IGNORE).sum()) for s in SPLITS}
 
 
 def make_dataset(
@@ -180,3 +205,38 @@ def make_dataset(
             X[s], Y[s] = xs, ys
     source = BUILTIN_NAME if path is None else str(path)
     return Dataset(vocab, words, block_size, split, X, Y, source, seed)
+
+
+def make_sequence_dataset(
+    path: str | Path | None = None,
+    context: int | None = None,
+    seed: int = 42,
+    vocab: Vocab | None = None,
+    cut: bool = False,
+) -> Dataset:
+    """Sequence data: each item one row (`build_sequences`), split by words as `make_dataset` splits
+    them (the same words in each split). `context` is the model's number of positions, None for the
+    longest item's (its characters and the end token). An item longer than the context is refused, or
+    with `cut`, cut to fit, a one-line warning saying how many were."""
+    words = prepare_words(load_words(path), seed)
+    vocab = vocab or Vocab.from_words(words)
+    longest = max(map(len, words)) + 1
+    length = longest if context is None else context
+    if length < 1:
+        raise HandgradError(f"the context must be at least 1, got {length}")
+    too_long = [w for w in words if len(w) + 1 > length]
+    if too_long and not cut:
+        raise HandgradError(f"{len(too_long)} items are longer than the context of {length} positions (the longest "
+                            f"needs {longest}: its characters and the end token); use a context of {longest}, or cut them")
+    if too_long:
+        print(f"warning: cut {len(too_long)} items longer than the context of {length} positions", file=sys.stderr)
+        words = [w[:length - 1] if len(w) + 1 > length else w for w in words]
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    parts = dict(zip(SPLITS, (words[:n1], words[n1:n2], words[n2:])))
+    if any(not p for p in parts.values()):
+        raise HandgradError(f"too few items to split by words: {len(words)} distinct, need at least 10")
+    X, Y = {}, {}
+    for s, ws in parts.items():
+        X[s], Y[s] = build_sequences(ws, vocab, length)
+    source = BUILTIN_NAME if path is None else str(path)
+    return Dataset(vocab, words, length, "words", X, Y, source, seed, sequences=True)
