@@ -455,14 +455,21 @@ def test_parameters_and_gradient_buffers_are_views_of_one_tensor_each():
     assert not model.grads()[0].any()
 
 
-def test_a_tensor_held_twice_is_not_flattened():
+def test_a_tensor_held_twice_is_flattened_once_and_stays_one_tensor():
+    """A tensor in two places (tied weights) gets one part of the flat tensor, and both places the
+    same view of it: copies would part them. (It was once refused, the tensors left unflattened.)"""
     net = build_model(CONFIGS["mlp"]).net
     bn = net.layers["batchnorm1"]
-    tied = bn.params["weight"].clone()
-    bn.params["weight"] = bn.params["bias"] = tied  # one tensor in two places: copies would part them
+    tied, tied_grad = bn.params["weight"].clone(), bn.grads["weight"].clone()
+    bn.params["weight"] = bn.params["bias"] = tied
+    bn.grads["weight"] = bn.grads["bias"] = tied_grad
     net.flatten()
-    assert net.param_buffer is None and bn.params["weight"] is tied and bn.params["bias"] is tied
-    assert net.grad_buffer is not None and packed(net.grad_list) is net.grad_buffer  # the gradients are distinct
+    params, grads = [p for _, p in net.named_parameters()], [g for _, g in net.named_grads()]
+    assert net.param_buffer is not None and packed(params) is net.param_buffer
+    assert net.grad_buffer is not None and packed(grads) is net.grad_buffer and packed(net.grad_list) is net.grad_buffer
+    assert net.param_buffer.numel() == sum(p.numel() for p in params)  # the tied tensor once
+    assert bn.params["weight"] is bn.params["bias"] and bn.params["weight"]._base is net.param_buffer
+    assert bn.grads["weight"] is bn.grads["bias"] and torch.equal(bn.params["weight"], tied)
 
 
 @pytest.mark.parametrize("with_buffer", [True, False])

@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "layers": ("Module", "Embedding", "Flatten", "FlattenConsecutive", "Linear", "Tanh", "BatchNorm1d",
-               "BatchNorm1dStepwise", "Sequential"),
+    "layers": ("Module", "Embedding", "Flatten", "FlattenConsecutive", "Linear", "TiedLinear", "Tanh", "BatchNorm1d",
+               "BatchNorm1dStepwise", "Sequential", "Residual"),
     "loss": ("CrossEntropy", "CrossEntropyStepwise"),
     "model": ("Model", "ModelConfig", "build_model"),
     "gradcheck": ("check_layer", "check_model", "finite_difference_check", "format_table", "passed"),

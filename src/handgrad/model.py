@@ -63,6 +63,8 @@ class Model:
         self.net.backward(self.loss_fn.backward())
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Each parameter tensor once, by its first name: a layer used twice, or weights tied between
+        layers, is one parameter (with one gradient buffer, which every use's backward adds into)."""
         return list(self.net.named_parameters())
 
     def parameters(self) -> list[torch.Tensor]:
@@ -125,7 +127,8 @@ class Model:
         return self.net.grad_buffer
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers (BatchNorm running statistics) by name."""
+        """Parameters and buffers (BatchNorm running statistics) by name, each tensor once (tied
+        weights under their first name)."""
         return dict(self.named_parameters()) | dict(self.named_buffers())
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

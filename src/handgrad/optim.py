@@ -1,8 +1,10 @@
 """Optimizers with hand-written updates, and learning-rate schedules.
 
 Each optimizer holds the very gradient buffers the model's backward fills
-(`model.grads()`), and `step` reads only those. The updates follow
-torch.optim's definitions term by term (tests compare them over 100 steps).
+(`model.grads()`), and `step` reads only those; a parameter tensor given twice
+(a layer used twice, tied weights) is held once: one update a step, one state.
+The updates follow torch.optim's definitions term by term (tests compare them
+over 100 steps).
 `state_dict()` is a flat dict of tensors (the step count too) so that a
 checkpoint restores the optimizer exactly: '<index>.<name>' per parameter.
 """
@@ -31,6 +33,15 @@ class Optimizer:
         for p, g in zip(params, grads):
             if p.shape != g.shape:
                 raise ValueError(f"a gradient buffer of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        # each parameter tensor once (a layer used twice, tied weights): updated once a step, one set of state
+        self.given = len(params)
+        first: dict[int, int] = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if id(p) in first and grads[first[id(p)]] is not g:
+                raise ValueError("a parameter given twice with two gradient buffers: its gradient must be one buffer")
+            first.setdefault(id(p), i)
+        self.distinct = list(first.values())  # the positions kept, of the lists given
+        params, grads = [params[i] for i in self.distinct], [grads[i] for i in self.distinct]
         self.params, self.grads, self.lr = params, grads, lr
         self.step_count = 0  # a Python number: counting costs no tensor op (the checkpoint stores it as a tensor)
         # Where one tensor holds every parameter and another every gradient buffer in the same order
@@ -94,11 +105,12 @@ class Optimizer:
         raise NotImplementedError
 
 
-def per_parameter(value: float | list[float], n: int) -> list[float]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
+def per_parameter(value: float | list[float], optimizer: Optimizer) -> list[float]:
+    """One number, or one per parameter given, as one per distinct parameter (a repeat's is its first's)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * optimizer.given
+    if len(values) != optimizer.given:
         raise ValueError("one weight decay per parameter")
-    return values
+    return [values[i] for i in optimizer.distinct]
 
 
 class SGD(Optimizer):
@@ -112,7 +124,7 @@ class SGD(Optimizer):
         self.state_names = ("momentum_buffer",) if momentum else ()
         super().__init__(params, grads, lr)
         self.momentum = momentum
-        self.weight_decay = per_parameter(weight_decay, len(self.params))
+        self.weight_decay = per_parameter(weight_decay, self)
         self.one_decay = len(set(self.weight_decay)) == 1  # then the flat tensors can be updated as one
         self.plain = not momentum and not any(self.weight_decay)  # p <- p - lr * g, nothing more
 
@@ -154,7 +166,7 @@ class AdamW(Optimizer):
                  weight_decay: float | list[float] = 0.01):
         super().__init__(params, grads, lr)
         self.betas, self.eps = betas, eps
-        self.weight_decay = per_parameter(weight_decay, len(self.params))
+        self.weight_decay = per_parameter(weight_decay, self)
 
     def update(self, lr: float) -> None:
         t = self.step_count

@@ -1,5 +1,5 @@
-"""The core layers, each forward with its hand-written backward right below it, and the layer
-contract they keep (`Module`).
+"""The core layers, each forward with its hand-written backward right below it, the layer
+contract they keep (`Module`), and the containers that compose them (`Sequential`, `Residual`).
 
 Conventions (as in torch.nn):
 - `forward(x)` returns the output and keeps in `self.saved` exactly what the
@@ -7,12 +7,19 @@ Conventions (as in torch.nn):
 - `backward(dout)` returns the gradient for the input and *accumulates* the
   parameters' gradients into `self.grads`, the buffers the optimizer reads.
   Gradients of named intermediates are kept in `self.saved_grads`.
+- A container gives each layer a fresh `saved` before each call and keeps it
+  on its tape, then hands it back before that call's backward (last in, first
+  out): a layer called twice keeps both calls' state.
+- Every walk over a model (parameters, gradient buffers, buffers, `to`, the
+  flat buffers) meets each tensor once: a tensor held by two layers is one.
 - Inputs may be (batch, channels) or (batch, time, channels).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import HandgradError
 
 
 def packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -46,7 +53,8 @@ def zero_all(tensors: list[torch.Tensor]) -> None:
 
 
 class Module:
-    """Parameters, their gradient buffers, non-trained buffers, saved intermediates."""
+    """Parameters, their gradient buffers, non-trained buffers, saved intermediates, and the
+    sub-modules it is made of (`named_children`), which the methods below walk through."""
 
     def __init__(self):
         self.params: dict[str, torch.Tensor] = {}
@@ -60,50 +68,114 @@ class Module:
         self.params[name] = value
         self.grads[name] = torch.zeros_like(value)  # laid out as the parameter
 
+    def named_children(self):
+        """(name, module) for each sub-module; a name of "" gives the child's names no level of their own."""
+        return ()
+
+    def named_modules(self, prefix: str = ""):
+        """(prefix of its names, module) for this module and every module under it, each once (the first
+        name wins: a layer used twice is one layer)."""
+        seen, stack = set(), [(prefix, self)]
+        while stack:
+            at, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield at, module
+            children = [(f"{at}{name}." if name else at, child) for name, child in module.named_children()]
+            stack.extend(reversed(children))  # depth first, children in their order
+
+    def named_parameters_and_grads(self, prefix: str = ""):
+        """(name, parameter, gradient buffer) over every module, each parameter tensor once (the first
+        name wins): a layer used twice, or a tensor two layers share (tied weights), is one parameter
+        with one gradient buffer, which both uses' backward accumulate into."""
+        seen = set()
+        for at, module in self.named_modules(prefix):
+            for name, p in module.params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield at + name, p, module.grads.get(name)
+
     def named_parameters(self, prefix: str = ""):
-        for name, p in self.params.items():
-            yield prefix + name, p
+        for name, p, _ in self.named_parameters_and_grads(prefix):
+            yield name, p
 
     def named_grads(self, prefix: str = ""):
-        for name, g in self.grads.items():
-            yield prefix + name, g
+        """The gradient buffers, in the order of `named_parameters` (a parameter without one is skipped)."""
+        for name, _, g in self.named_parameters_and_grads(prefix):
+            if g is not None:
+                yield name, g
 
     def named_buffers(self, prefix: str = ""):
-        for name, b in self.buffers.items():
-            yield prefix + name, b
+        seen = set()
+        for at, module in self.named_modules(prefix):
+            for name, b in module.buffers.items():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    yield at + name, b
 
     def named_intermediates(self, prefix: str = ""):
-        """Intermediates of the last forward that a check can compare (stepwise forms)."""
+        """Intermediates of the last forward that a check can compare (stepwise forms), then the children's."""
         for name, t in self.saved.items():
             if name in self.inspectable:
                 yield prefix + name, t
+        yield from self.children_walk("named_intermediates", prefix)
 
     def named_intermediate_grads(self, prefix: str = ""):
         for name, t in self.saved_grads.items():
             yield prefix + name, t
+        yield from self.children_walk("named_intermediate_grads", prefix)
+
+    def children_walk(self, walk: str, prefix: str):
+        """The walk `walk` (named_intermediates or named_intermediate_grads) of each child under its name:
+        call by call from this module's tape where its forward ran them on one (`forward_on_tape`)."""
+        children = [(f"{prefix}{name}." if name else prefix, child) for name, child in self.named_children()]
+        tape = self.saved.get("tape")
+        if tape is None:
+            for at, child in children:
+                yield from getattr(child, walk)(at)
+            return
+        names = {}
+        for at, child in children:
+            names.setdefault(id(child), at)
+        for child, frame in tape:
+            yield from walk_call(child, frame, walk, names[id(child)])
 
     inspectable: tuple[str, ...] = ()
 
     def zero_grad(self) -> None:
-        zero_all(list(self.grads.values()))
+        zero_all([g for _, g in self.named_grads()])
 
     def clear_saved(self) -> None:
         """Drop what the last forward and backward kept."""
         self.saved.clear()
         self.saved_grads.clear()
+        for _, child in self.named_children():
+            child.clear_saved()
 
     def train(self, mode: bool = True) -> "Module":
         self.training = mode
+        for _, child in self.named_children():
+            child.train(mode)
         return self
 
     def eval(self) -> "Module":
         return self.train(False)
 
-    def to(self, device=None, dtype=None) -> "Module":
-        """Move parameters, gradient buffers and buffers; call before building an optimizer."""
+    def to(self, device=None, dtype=None, memo: dict | None = None) -> "Module":
+        """Move parameters, gradient buffers and buffers, this module's and its children's; call before
+        building an optimizer. Each tensor is converted once (`memo`, by identity, shared down the tree)
+        and the converted tensor put wherever the old one was held, so tied tensors stay tied."""
+        memo = {} if memo is None else memo
         for d in (self.params, self.grads, self.buffers):
             for k, v in d.items():
-                d[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                if id(v) not in memo:
+                    moved = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                    # both kept alive, so that no id here is reused by a new tensor while the walk lasts
+                    memo[id(v)] = memo[id(moved)] = (v, moved)
+                d[k] = memo[id(v)][1]
+        for _, child in self.named_children():
+            child.to(device, dtype, memo)
         return self
 
     def forward(self, x):
@@ -111,6 +183,33 @@ class Module:
 
     def backward(self, dout):
         raise NotImplementedError
+
+
+def forward_on_tape(layer: Module, x, tape: list):
+    """`layer.forward(x)` on a fresh `saved` and `saved_grads` (the call's frame), which the tape keeps for
+    this very call's backward: a layer called twice keeps one frame per call. The container owns the
+    tape; the layer only ever sees `self.saved`, which after a forward is its last call's."""
+    layer.saved, layer.saved_grads = {}, {}
+    out = layer.forward(x)
+    tape.append((layer, (layer.saved, layer.saved_grads)))
+    return out
+
+
+def backward_on_tape(layer: Module, frame: tuple[dict, dict], dout):
+    """`layer.backward(dout)` for the call whose frame the tape kept (walked last in, first out)."""
+    layer.saved, layer.saved_grads = frame
+    return layer.backward(dout)
+
+
+def walk_call(layer: Module, frame: tuple[dict, dict], walk: str, prefix: str) -> list:
+    """What the walk `walk` (named_intermediates or named_intermediate_grads) of `layer` gives for the
+    call that kept `frame`; the layer's last frame is put back."""
+    held = layer.saved, layer.saved_grads
+    layer.saved, layer.saved_grads = frame
+    try:
+        return list(getattr(layer, walk)(prefix))
+    finally:
+        layer.saved, layer.saved_grads = held
 
 
 class Embedding(Module):
@@ -127,11 +226,17 @@ class Embedding(Module):
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
         w, idx = self.grads["weight"], self.saved["idx"]
-        if w.is_cpu:  # one call, no flattening views; it adds in the ids' order, as index_add_ does
+        if accumulates_with_index_put(w):  # one call, no flattening views; it adds in the ids' order, as index_add_ does
             w.index_put_((idx,), dout, accumulate=True)
         else:  # on a GPU index_put_'s accumulating kernel cannot be recorded in a CUDA graph
             w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
         return None
+
+
+def accumulates_with_index_put(grad: torch.Tensor) -> bool:
+    """Whether the Embedding scatter-adds into `grad` with index_put_ (a CPU tensor) rather than
+    index_add_ (a GPU's); a function of its own, so that a test on a CPU can take the other branch."""
+    return grad.is_cpu
 
 
 class Flatten(Module):
@@ -216,6 +321,36 @@ class Linear(Module):
         return F.linear(dout, w)  # dout W^T, the transpose taken inside the one call
 
 
+class TiedLinear(Module):
+    """y = x @ weight^T + bias, weight the Embedding's table (vocab, channels): an output projection tied
+    to the token embedding. Its weight and that weight's gradient buffer are the Embedding's very
+    tensors, so both layers' backward add into the one buffer (their gradients then add), and every
+    walk over the model (named parameters, the flat buffers, optimizers, checkpoints) holds the table
+    once, under the first name it meets (the Embedding's, where that comes first)."""
+
+    def __init__(self, embedding: Embedding, bias: bool = True):
+        super().__init__()
+        self.params["weight"], self.grads["weight"] = embedding.params["weight"], embedding.grads["weight"]
+        if bias:
+            self.add_param("bias", torch.zeros(embedding.params["weight"].shape[0]))
+
+    def forward(self, x):
+        if x.ndim != 2:  # (batch, time, channels): the rows of every time step are one matrix
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        self.saved["x"] = x
+        return F.linear(x, self.params["weight"], self.params.get("bias"))  # x E^T (+ b)
+
+    # y = x E^T + b:  dx = dy E,  dE = dy^T x (added to the Embedding's own gradient),  db = sum over rows of dy
+    def backward(self, dout):
+        if dout.ndim != 2:  # as the forward: one matrix of rows
+            return self.backward(dout.reshape(-1, dout.shape[-1])).view(*dout.shape[:-1], -1)
+        w, x = self.params["weight"], self.saved["x"]
+        if "bias" in self.grads:
+            self.grads["bias"].add_(dout.sum(0))
+        self.grads["weight"].addmm_(dout.T, x)
+        return torch.mm(dout, w)
+
+
 class Tanh(Module):
     """tanh(x), computed as 2 sigmoid(2x) - 1: the same function (float32 results within 2e-7
     of torch.tanh), and on a CPU core faster, eager or compiled, even as three ops on a small tensor.
@@ -225,9 +360,9 @@ class Tanh(Module):
         super().__init__()
         self.minus_one = torch.tensor(-1.0)  # a tensor, so that -1 + 2 s is one op
 
-    def to(self, device=None, dtype=None) -> "Tanh":
+    def to(self, device=None, dtype=None, memo: dict | None = None) -> "Tanh":
         self.minus_one = self.minus_one.to(device=device, dtype=dtype)
-        return super().to(device, dtype)
+        return super().to(device, dtype, memo)
 
     def forward(self, x):
         s = (x + x).sigmoid_()
@@ -248,54 +383,59 @@ class Sequential(Module):
     """Named layers in order; backward runs them in reverse.
 
     Each layer's output and its gradient are kept as '<name>.out', and the
-    layers' own intermediates as '<name>.<intermediate>'.
+    layers' own intermediates as '<name>.<intermediate>'. A layer may appear
+    under two names (the same object called twice): each call keeps its own
+    frame on the forward's tape, and both calls' backward accumulate into the
+    layer's one set of gradient buffers.
     """
 
     def __init__(self, layers: list[tuple[str, Module]]):
         super().__init__()
         self.layers = dict(layers)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.output_grads: dict[str, torch.Tensor] = {}
         self.grad_list = [g for _, g in self.named_grads()]  # the buffers stay the same tensors until `to`
         # one tensor each holding every parameter and every gradient buffer, once `flatten` has made them
         self.param_buffer: torch.Tensor | None = None
         self.grad_buffer: torch.Tensor | None = None
 
+    def named_children(self):
+        return self.layers.items()
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Each layer's output in the last forward, by layer name."""
+        return self.saved.setdefault("outputs", {})
+
+    @property
+    def output_grads(self) -> dict[str, torch.Tensor]:
+        """The gradient of each layer's output in the last backward, by layer name."""
+        return self.saved_grads
+
     def forward(self, x):
+        # in `saved`, as any layer's state: a Sequential called twice keeps a tape and outputs per call
+        tape = self.saved["tape"] = []
+        outputs = self.saved["outputs"] = {}
         for name, layer in self.layers.items():
-            x = layer.forward(x)
-            self.outputs[name] = x
+            x = outputs[name] = forward_on_tape(layer, x, tape)
         return x
 
     def backward(self, dout):
-        for name, layer in reversed(self.layers.items()):
-            self.output_grads[name] = dout
-            dout = layer.backward(dout)
+        output_grads = self.saved_grads
+        for name, (layer, frame) in zip(reversed(self.layers), reversed(self.saved["tape"])):
+            output_grads[name] = dout
+            dout = backward_on_tape(layer, frame, dout)
         return dout
 
-    def _each(self, method: str, prefix: str):
-        for name, layer in self.layers.items():
-            yield from getattr(layer, method)(f"{prefix}{name}.")
-
-    def named_parameters(self, prefix: str = ""):
-        return self._each("named_parameters", prefix)
-
-    def named_grads(self, prefix: str = ""):
-        return self._each("named_grads", prefix)
-
-    def named_buffers(self, prefix: str = ""):
-        return self._each("named_buffers", prefix)
-
     def named_intermediates(self, prefix: str = ""):
-        for name, layer in self.layers.items():
-            yield f"{prefix}{name}.out", self.outputs[name]
-            yield from layer.named_intermediates(f"{prefix}{name}.")
+        outputs = self.saved.get("outputs", {})
+        for name, (layer, frame) in zip(self.layers, self.saved.get("tape", ())):
+            yield f"{prefix}{name}.out", outputs[name]
+            yield from walk_call(layer, frame, "named_intermediates", f"{prefix}{name}.")
 
     def named_intermediate_grads(self, prefix: str = ""):
-        for name, layer in self.layers.items():
-            if name in self.output_grads:
-                yield f"{prefix}{name}.out", self.output_grads[name]
-            yield from layer.named_intermediate_grads(f"{prefix}{name}.")
+        for name, (layer, frame) in zip(self.layers, self.saved.get("tape", ())):
+            if name in self.saved_grads:
+                yield f"{prefix}{name}.out", self.saved_grads[name]
+            yield from walk_call(layer, frame, "named_intermediate_grads", f"{prefix}{name}.")
 
     def zero_grad(self) -> None:
         if self.grad_buffer is not None and not torch.compiler.is_compiling():  # one op for every buffer
@@ -303,21 +443,8 @@ class Sequential(Module):
         else:
             zero_all(self.grad_list)
 
-    def clear_saved(self) -> None:
-        self.outputs.clear()
-        self.output_grads.clear()
-        for layer in self.layers.values():
-            layer.clear_saved()
-
-    def train(self, mode: bool = True) -> "Sequential":
-        self.training = mode
-        for layer in self.layers.values():
-            layer.train(mode)
-        return self
-
-    def to(self, device=None, dtype=None) -> "Sequential":
-        for layer in self.layers.values():
-            layer.to(device, dtype)
+    def to(self, device=None, dtype=None, memo: dict | None = None) -> "Sequential":
+        super().to(device, dtype, memo)
         self.grad_list = [g for _, g in self.named_grads()]
         self.param_buffer = self.grad_buffer = None  # the layers may hold new tensors now
         return self
@@ -326,17 +453,55 @@ class Sequential(Module):
         """Move the layers' parameters into one tensor, `param_buffer`, and their gradient buffers into
         another, `grad_buffer`, in the same order, each parameter and buffer becoming a view of its part
         (same shapes, same values): one op then zeroes every gradient, and one updates every parameter
-        (optimizers find the two tensors by themselves). Where the tensors differ in device or dtype
-        they stay as they are. Call before anything holds the old tensors (an optimizer, a recording)."""
+        (optimizers find the two tensors by themselves). A tensor held in several places (a layer used
+        twice, tied weights, a fused layer's parts) gets one part, and every holder the same view of it.
+        Where the tensors differ in device or dtype they stay as they are. Call before anything holds
+        the old tensors (an optimizer, a recording)."""
         self.param_buffer = self._flatten("params")
         self.grad_buffer = self._flatten("grads")
-        self.grad_list = [g for _, g in self.named_grads()]
+        for _, module in self.named_modules():  # every Sequential in the tree zeroes the new buffers
+            if isinstance(module, Sequential):
+                module.grad_list = [g for _, g in module.named_grads()]
 
     def _flatten(self, kind: str) -> torch.Tensor | None:
-        owned = [(getattr(layer, kind), name, t) for layer in self.layers.values() for name, t in getattr(layer, kind).items()]
-        if not owned or len({(t.device, t.dtype) for _, _, t in owned}) != 1 or len({id(t) for _, _, t in owned}) != len(owned):
-            return None  # mixed devices or dtypes, or a tensor shared by two layers (copies would part them)
-        flat = owned[0][2].new_empty(sum(t.numel() for _, _, t in owned))
-        for (tensors, name, t), view in zip(owned, views_like(flat, [t for _, _, t in owned])):
-            tensors[name] = view.copy_(t)
+        held = [(tensors, name, t) for _, module in self.named_modules()
+                for tensors in (getattr(module, kind),) for name, t in tensors.items()]
+        # each distinct tensor once, in the order of named_parameters (or named_grads), so that the
+        # optimizer finds the flat tensor filled end to end by its list; any other held tensor after them
+        first = self.named_parameters() if kind == "params" else self.named_grads()
+        distinct = {id(t): t for _, t in first}
+        for _, _, t in held:
+            distinct.setdefault(id(t), t)
+        tensors = list(distinct.values())
+        if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
+            return None  # mixed devices or dtypes
+        flat = tensors[0].new_empty(sum(t.numel() for t in tensors))
+        views = {id(t): view.copy_(t) for t, view in zip(tensors, views_like(flat, tensors))}
+        for held_in, name, t in held:
+            held_in[name] = views[id(t)]
         return flat
+
+
+class Residual(Module):
+    """out = x + block(x): a skip path around `block` (any layer, or a Sequential of them), whose output
+    has its input's shape. Its parameters are the block's, under the block's names."""
+
+    def __init__(self, block: Module):
+        super().__init__()
+        self.block = block
+
+    def named_children(self):
+        return (("", self.block),)
+
+    def forward(self, x):
+        tape = self.saved["tape"] = []  # the block's frame of this call: a Residual may be called twice
+        out = forward_on_tape(self.block, x, tape)
+        if out.shape != x.shape:
+            raise HandgradError(f"Residual: the block maps {tuple(x.shape)} to {tuple(out.shape)}; "
+                                "a skip path needs the block's output in its input's shape")
+        return x + out
+
+    # d out/d x = I + d block(x)/d x:  dx = dout (the skip path) + the block's dx
+    def backward(self, dout):
+        (block, frame), = self.saved["tape"]
+        return dout + backward_on_tape(block, frame, dout)

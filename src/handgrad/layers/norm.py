@@ -36,10 +36,10 @@ class BatchNorm1d(Module):
         self._eps = float(value)
         self.eps_tensor = torch.tensor(self._eps, dtype=self.eps_tensor.dtype, device=self.eps_tensor.device)
 
-    def to(self, device=None, dtype=None) -> "BatchNorm1d":
+    def to(self, device=None, dtype=None, memo: dict | None = None) -> "BatchNorm1d":
         moved = self.eps_tensor.to(device=device, dtype=dtype)
         self.eps_tensor = torch.tensor(self._eps, dtype=moved.dtype, device=moved.device)  # from eps: exact in float64
-        return super().to(device, dtype)
+        return super().to(device, dtype, memo)
 
     @staticmethod
     def reduce_dims(x) -> int | tuple[int, ...]:

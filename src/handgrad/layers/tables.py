@@ -30,26 +30,15 @@ class EmbeddingLinear(Module):
     def __init__(self, embedding: "Embedding", linear: "Linear"):
         super().__init__()
         self.embedding, self.linear = embedding, linear
-        self.share()
-
-    def share(self) -> None:
-        """Hold the parts' very parameters and gradient buffers."""
-        for name, layer, key in (("embedding", self.embedding, "weight"), ("weight", self.linear, "weight"),
-                                 ("bias", self.linear, "bias")):
+        # the parts' very parameters and gradient buffers, under this layer's names (the walks over its
+        # children then meet each tensor once, so `to` and `flatten` keep them shared)
+        for name, layer, key in (("embedding", embedding, "weight"), ("weight", linear, "weight"),
+                                 ("bias", linear, "bias")):
             if key in layer.params:
                 self.params[name], self.grads[name] = layer.params[key], layer.grads[key]
 
-    def to(self, device=None, dtype=None) -> "EmbeddingLinear":
-        """Move the parts, then hold their moved tensors (moving its own entries would part them)."""
-        self.embedding.to(device, dtype)
-        self.linear.to(device, dtype)
-        self.share()
-        return self
-
-    def clear_saved(self) -> None:
-        super().clear_saved()
-        self.embedding.clear_saved()
-        self.linear.clear_saved()
+    def named_children(self):
+        return (("embedding", self.embedding), ("linear", self.linear))
 
     def forward(self, idx):
         C, W, b = self.params["embedding"], self.params["weight"], self.params.get("bias")
@@ -117,33 +106,17 @@ class EmbeddingLinearBatchNormTanh(Module):
     def __init__(self, embedding: "Embedding", linear: "Linear", batchnorm: "BatchNorm1d", tanh: "Tanh"):
         super().__init__()
         self.first, self.batchnorm, self.tanh = EmbeddingLinear(embedding, linear), batchnorm, tanh
-        self.share()
-        self.training = batchnorm.training
-
-    def share(self) -> None:
-        """Hold the parts' very parameters, gradient buffers and running statistics."""
+        # the parts' very parameters, gradient buffers and running statistics, under this layer's names
         self.params.update(self.first.params)
         self.grads.update(self.first.grads)
         for name in ("weight", "bias"):
-            self.params[f"batchnorm.{name}"] = self.batchnorm.params[name]
-            self.grads[f"batchnorm.{name}"] = self.batchnorm.grads[name]
-        self.buffers.update(self.batchnorm.buffers)
+            self.params[f"batchnorm.{name}"] = batchnorm.params[name]
+            self.grads[f"batchnorm.{name}"] = batchnorm.grads[name]
+        self.buffers.update(batchnorm.buffers)
+        self.training = batchnorm.training
 
-    def to(self, device=None, dtype=None) -> "EmbeddingLinearBatchNormTanh":
-        for layer in (self.first, self.batchnorm, self.tanh):
-            layer.to(device, dtype)
-        self.share()
-        return self
-
-    def train(self, mode: bool = True) -> "EmbeddingLinearBatchNormTanh":
-        for layer in (self, self.first, self.batchnorm, self.tanh):
-            layer.training = mode
-        return self
-
-    def clear_saved(self) -> None:
-        super().clear_saved()
-        for layer in (self.first, self.batchnorm, self.tanh):
-            layer.clear_saved()
+    def named_children(self):
+        return (("first", self.first), ("batchnorm", self.batchnorm), ("tanh", self.tanh))
 
     @staticmethod
     def position_pairs(T: int) -> list[tuple[int, int]]:
