@@ -234,7 +234,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=positive_float, default=0.25,
                    help="seconds per implementation per round (default 0.25)")
     p.add_argument("-i", "--data", metavar="FILE", default=None, help="text file to draw batches from (default: built-in names)")
+    add_exercise_parser(sub)
     return parser
+
+
+class ExerciseStepParser(ArgumentParser):
+    """`exercise new|check|train`: a flag none of them knows is reported by the step's own parser, with the
+    nearest of its flags (the top-level parser would only see `exercise`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            first = next((u.partition("=")[0] for u in unknown if u.startswith("-")), None)
+            options = [o for a in self._actions for o in a.option_strings]
+            self.error(f"unrecognized arguments: {' '.join(unknown)}" + (closest(first, options) if first else ""))
+        return parsed, unknown
+
+
+def add_exercise_parser(sub) -> None:
+    """`handgrad exercise new | check | train`: the learners' exercise (docs/exercise.md)."""
+    from .exercise.levels import LEVEL_CHOICES
+
+    p = sub.add_parser("exercise", help="the learners' exercise: derive every gradient by hand; handgrad finds "
+                                        "the first wrong one and says why")
+    steps = p.add_subparsers(dest="exercise_command", metavar="new|check|train", parser_class=ExerciseStepParser,
+                             help="new: write the exercise files; check: judge a file's gradients; "
+                                  "train: run a level-4 file's loop beside autograd's")
+    steps.required = True
+    q = steps.add_parser("new", help="write every level as a Python file and as a notebook")
+    q.add_argument("dir", metavar="DIR", help="folder to write the files into (created if need be)")
+    q.add_argument("--level", choices=list(LEVEL_CHOICES), default="all",
+                   help="which level: 1 (both versions: 1-seed, with the seed notebook's names, and 1-fine), "
+                        "2 (cross-entropy), 3 (BatchNorm), 4 (training loop), or all (default all)")
+    q.add_argument("--solved", action="store_true", help="write the files filled in correctly (default: blanks to fill in)")
+    q.add_argument("--force", action="store_true", help="overwrite exercise files already in DIR (default: refuse)")
+    q = steps.add_parser("check", help="run a file's gradient cells on a fixed float64 batch and judge each one")
+    q.add_argument("file", metavar="EXERCISE", help="the .py or .ipynb exercise file")
+    q.add_argument("--json", action="store_true", help="print the report as JSON (default: a table)")
+    q.add_argument("--time-limit", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="stop the learner's code after this many seconds (default 60)")
+    q = steps.add_parser("train", help="run a level-4 file's loop beside the same loop on autograd's gradients")
+    q.add_argument("file", metavar="EXERCISE", help="the .py or .ipynb level-4 exercise file")
+    q.add_argument("--steps", type=positive_int, default=2000,
+                   help="stop after this many steps, or at the end of the file's loop if sooner (default 2000)")
+    q.add_argument("--log-every", type=positive_int, default=100,
+                   help="steps between printed (and compared) losses (default 100)")
+    q.add_argument("--plot", metavar="PNG", default=None,
+                   help="where to write the PNG of both loss curves (default: beside the file, <name>-loss.png)")
+    q.add_argument("--time-limit", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="stop the learner's loop after this many seconds (default 600)")
 
 
 def cmd_check(args) -> int:
@@ -339,7 +387,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_exercise(args) -> int:
+    from .exercise import commands
+
+    if args.exercise_command == "new":
+        return commands.new(args.dir, args.level, args.solved, args.force)
+    if args.exercise_command == "check":
+        return commands.check(args.file, args.json, args.time_limit)
+    return commands.train(args.file, args.steps, args.log_every, args.plot, args.time_limit)
+
+
+COMMANDS = {"check": cmd_check, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+            "exercise": cmd_exercise}
 
 
 class OutputThatOutlivesItsReader:
