@@ -212,8 +212,8 @@ class Recurrent(Module):
     the state before step 0, summed over the batch. With `learn_initial_state=False` it is zeros, not
     trained.
 
-    The layer holds the cell's very parameter and gradient dicts (and adds h0, c0 to them): moving or
-    flattening the layer's parameters moves the cell's. Every step's input projection is one matmul
+    The cell is the layer's child under no name of its own: its parameters read as the layer's
+    (`rnn.weight_ih`, ..., beside `rnn.h0`). Every step's input projection is one matmul
     (B*T, C) x (C, G*H) before the loop, and the weights' gradients one matmul each after the backward
     loop; only the hidden projection runs step by step.
 
@@ -230,12 +230,13 @@ class Recurrent(Module):
     def __init__(self, cell: RecurrentCell, learn_initial_state: bool = True):
         super().__init__()
         self.cell = cell
-        self.params, self.grads = cell.params, cell.grads
         self.learn_initial_state = learn_initial_state
         if learn_initial_state:
             for name in cell.state_names:
                 self.add_param(f"{name}0", torch.zeros(cell.hidden_size))
-        self.steps: list[dict[str, torch.Tensor]] = []  # one cache per time step of the last forward
+
+    def named_children(self):
+        return (("", self.cell),)
 
     def initial_state(self, batch: int, like: torch.Tensor) -> State:
         H = self.cell.hidden_size
@@ -248,41 +249,37 @@ class Recurrent(Module):
             raise HandgradError(f"{type(self.cell).__name__} over a sequence takes (batch, time, "
                                 f"{self.cell.input_size}); got {tuple(x.shape)}")
         B, T, C = x.shape
-        cell = self.cell
+        cell, params = self.cell, self.cell.params
         # time-major rows (T*B, C), so that each step's block of the projection (T, B, G*H) is contiguous
         rows = x.transpose(0, 1).reshape(T * B, C)
-        xw = torch.addmm(self.params["bias_ih"], rows, self.params["weight_ih"]).view(T, B, -1)
+        xw = torch.addmm(params["bias_ih"], rows, params["weight_ih"]).view(T, B, -1)
         state = self.initial_state(B, x)
         steps, hs = [], []
         for t in range(T):
             state, cache = cell.forward_step(xw[t], state)
             steps.append(cache)
             hs.append(state[0])
-        self.steps = steps
-        self.saved["rows"], self.saved["xw"] = rows, xw
+        self.saved.update(rows=rows, xw=xw, steps=steps)  # steps: one cache per time step
         self.saved_grads.clear()
         return torch.stack(hs, 1)
 
     def inspected_steps(self) -> list[int]:
         """The time steps whose intermediates a check compares: the first and the last."""
-        return sorted({0, len(self.steps) - 1}) if self.steps else []
+        steps = self.saved.get("steps")
+        return sorted({0, len(steps) - 1}) if steps else []
 
     def named_intermediates(self, prefix: str = ""):
         if "xw" in self.saved:
             yield prefix + "xw", self.saved["xw"]
         for t in self.inspected_steps():
             for name in self.cell.step_intermediates:
-                yield f"{prefix}step{t}.{name}", self.steps[t][name]
-
-    def clear_saved(self) -> None:
-        super().clear_saved()
-        self.steps = []
+                yield f"{prefix}step{t}.{name}", self.saved["steps"][t][name]
 
     # backpropagation through time: h_t feeds the output at t and step t+1, so its gradient is dout[:, t] plus
     # what step t+1 hands back (the LSTM's c_t only the latter); over every step and row then
     # dW_ih = X^T dXW, db_ih = sum dXW, dX = dXW W_ih^T, dW_hh = H_prev^T dHW, db_hh = sum dHW, d(h0, c0) = row sums
     def backward(self, dout):
-        cell, steps = self.cell, self.steps
+        cell, steps = self.cell, self.saved["steps"]
         B, T, H = dout.shape
         rows = self.saved["rows"]
         C = rows.shape[1]
@@ -302,12 +299,12 @@ class Recurrent(Module):
         dHW = dXW if dhws[0] is dxws[0] else torch.stack(dhws)
         dXW, dHW = dXW.view(T * B, -1), dHW.view(T * B, -1)
         h_prev = torch.stack([cache["h_prev"] for cache in steps]).view(T * B, H)
-        g = self.grads
+        g = cell.grads
         g["weight_ih"].addmm_(rows.T, dXW)
         g["bias_ih"].add_(dXW.sum(0))
         g["weight_hh"].addmm_(h_prev.T, dHW)
         g["bias_hh"].add_(dHW.sum(0))
         if self.learn_initial_state:
             for name, d in zip(cell.state_names, carried):
-                g[f"{name}0"].add_(d.sum(0))
-        return F.linear(dXW, self.params["weight_ih"]).view(T, B, C).transpose(0, 1)  # (B, T, C), a view
+                self.grads[f"{name}0"].add_(d.sum(0))
+        return F.linear(dXW, cell.params["weight_ih"]).view(T, B, C).transpose(0, 1)  # (B, T, C), a view
