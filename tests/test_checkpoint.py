@@ -174,3 +174,21 @@ def test_the_longest_item_reaches_the_models_header(saved_run, tmp_path):
     checkpoint.save_checkpoint(run, step=ckpt.step, model=model, optimizer=optimizer, vocab=vocab,
                                meta={**train_meta(ckpt), "max_item_len": 15}, device=torch.device("cpu"))
     assert checkpoint.load_model(run)[2]["max_item_len"] == 15
+
+
+def test_a_safetensors_header_whose_length_opens_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A header of 128 + 256k bytes makes the file's first byte 0x80, as a pickle's is."""
+    from safetensors.torch import save as st_save
+
+    for pad in range(0, 300):
+        data = st_save({"w": torch.zeros(2)}, {"pad": "x" * pad})
+        if data[:1] == b"\x80":
+            break
+    assert data[:1] == b"\x80"
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    tensors, metadata = checkpoint.read_safetensors(path)
+    assert torch.equal(tensors["w"], torch.zeros(2))
+    path.write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(HandgradError, match="is a pickle"):
+        checkpoint.read_safetensors(path)

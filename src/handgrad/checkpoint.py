@@ -131,8 +131,12 @@ def read_bytes(path: Path, what: str) -> bytes:
 
 
 def looks_like_pickle(data: bytes) -> bool:
-    """Pickle protocol 2+ opens with 0x80; torch.save writes a zip archive holding a pickle."""
-    return data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"
+    """Pickle protocol 2+ opens with 0x80 and the protocol number; torch.save writes a zip archive holding a
+    pickle. A safetensors file opens with its header's length (8 bytes, little-endian: a length of 128 more
+    than a multiple of 256 opens with 0x80 too), then the header's JSON object, '{'."""
+    if data[:4] == b"PK\x03\x04":
+        return True
+    return data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and data[8:9] != b"{"
 
 
 def read_safetensors(path: Path, what: str = "safetensors file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
