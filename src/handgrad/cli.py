@@ -288,17 +288,15 @@ def add_exercise_parser(sub) -> None:
 def cmd_check(args) -> int:
     import torch
 
-    from .data import make_dataset
     from .gradcheck import check_model, finite_difference_check, format_table, passed
     from .model import ModelConfig, build_model
     from .train import DTYPES, TrainConfig, require_batch_statistics, resolve_device
 
     device = resolve_device(args.device)
-    tc = TrainConfig(model=args.model, block_size=args.block_size, n_embd=args.n_embd,
-                     n_hidden=args.n_hidden, n_layers=args.n_layers)
-    block = tc.model_config(0).block_size
-    ds = make_dataset(args.data, block_size=block, split=args.split, seed=args.seed)
-    mc = tc.model_config(len(ds.vocab))
+    tc = TrainConfig(data=args.data, model=args.model, split=args.split, seed=args.seed, block_size=args.block_size,
+                     n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers).resolved()
+    ds = tc.dataset()
+    mc = tc.model_config(len(ds.vocab), ds.block_size)
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
     model = build_model(mc, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
     require_batch_statistics(model, args.batch_size)
@@ -363,17 +361,18 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from .checkpoint import load_model
-    from .data import BUILTIN_NAME, SPLITS, make_dataset
+    from .data import BUILTIN_NAME, SPLITS, make_model_data
     from .train import evaluate, resolve_device
 
     device = resolve_device(args.device)
     model, vocab, meta = load_model(args.out, device=device)
     saved = meta.get("data") or {}  # the data the model was trained on, as its file's header says
     data = args.data if args.data is not None else (None if saved.get("source") in (None, BUILTIN_NAME) else saved["source"])
-    ds = make_dataset(data, block_size=model.config.block_size, split=saved.get("split", "words"),
-                      seed=saved.get("seed", 42), vocab=vocab)
-    for s in SPLITS:
-        print(f"{s:<5} {evaluate(model, ds.X[s].to(device), ds.Y[s].to(device)):.4f}  ({ds.sizes()[s]:,} examples)")
+    ds = make_model_data(model.sequences, data, model.config.block_size, saved.get("split", "words"),
+                         saved.get("seed", 42), vocab)
+    for s in SPLITS:  # the predictions the loss counts: examples, or every character and end of the items
+        print(f"{s:<5} {evaluate(model, ds.X[s].to(device), ds.Y[s].to(device)):.4f}  ({ds.targets()[s]:,} "
+              f"{'predictions' if ds.sequences else 'examples'})")
     return 0
 
 

@@ -240,3 +240,14 @@ def make_sequence_dataset(
         X[s], Y[s] = build_sequences(ws, vocab, length)
     source = BUILTIN_NAME if path is None else str(path)
     return Dataset(vocab, words, length, "words", X, Y, source, seed, sequences=True)
+
+
+def make_model_data(sequences: bool, path: str | Path | None = None, block_size: int | None = None,
+                    split: str = "words", seed: int = 42, vocab: Vocab | None = None) -> Dataset:
+    """The data a model reads: whole items for a sequence model (`block_size` positions, None for the
+    longest item's), else examples of `block_size` ids."""
+    if not sequences:
+        return make_dataset(path, block_size=block_size, split=split, seed=seed, vocab=vocab)
+    if split != "words":
+        raise HandgradError(f"--split {split}: a sequence model trains on whole items, split by words (--split words)")
+    return make_sequence_dataset(path, context=block_size, seed=seed, vocab=vocab)

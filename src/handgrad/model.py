@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .data import IGNORE
 from .errors import HandgradError
 from .layers import (
     BatchNorm1d,
@@ -29,7 +30,10 @@ class ModelConfig:
     n_embd: int = 10
     n_hidden: int = 200
     n_layers: int = 1
-    stepwise: bool = False  # stepwise BatchNorm and cross-entropy: every intermediate inspectable
+    stepwise: bool = False  # stepwise forms (BatchNorm, cross-entropy, ...): every intermediate inspectable
+    # a model of whole items (data.make_sequence_dataset): (batch, positions) ids in, a prediction at every
+    # position out, the padding's targets ignored; else a model of one context (block_size ids) per example
+    sequences: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +53,13 @@ class Model:
     def __init__(self, config: ModelConfig, net: Sequential):
         self.config = config
         self.net = net
-        self.loss_fn = CrossEntropyStepwise() if config.stepwise else CrossEntropy()
+        loss = CrossEntropyStepwise if config.stepwise else CrossEntropy
+        self.loss_fn = loss(ignore_index=IGNORE if config.sequences else None)
+
+    @property
+    def sequences(self) -> bool:
+        """A model of whole items, predicting at every position (data.make_sequence_dataset's rows)."""
+        return self.config.sequences
 
     def forward(self, idx, targets=None):
         """Logits for `idx`; with `targets`, the mean cross-entropy loss instead."""
@@ -223,6 +233,7 @@ def build_wavenet(c: ModelConfig) -> Sequential:
 
 
 MODELS = {"mlp": build_mlp, "deep-mlp": build_deep_mlp, "wavenet": build_wavenet}
+SEQUENCE_MODELS: set[str] = set()  # the families of whole items (ModelConfig.sequences)
 
 DEFAULTS = {
     "mlp": dict(block_size=3, n_embd=10, n_hidden=200, n_layers=1),

@@ -27,12 +27,16 @@ def sample_items(model, vocab: Vocab, n: int, temperature: float = 1.0, seed: in
     model.eval()
     try:
         block = model.config.block_size
-        ctx = torch.zeros(n, block, dtype=torch.long, device=device)
+        # a model of contexts reads the last `block` ids; a sequence model reads the item so far, from its start token
+        sequences = getattr(model, "sequences", False)
+        ctx = torch.zeros(n, 1 if sequences else block, dtype=torch.long, device=device)
         # max_len characters and one more token: the end of an item exactly max_len long
         out = torch.zeros(n, max_len + 1, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for t in range(max_len + 1):
             logits = model.forward(ctx)
+            if sequences:
+                logits = logits[:, -1]  # the prediction after the last position
             if temperature == 0:  # the limit T -> 0: always the most likely character
                 ix = logits.argmax(-1)
             else:
@@ -45,7 +49,7 @@ def sample_items(model, vocab: Vocab, n: int, temperature: float = 1.0, seed: in
             done |= ix == Vocab.BOUNDARY
             if bool(done.all()):
                 break
-            ctx = torch.cat([ctx[:, 1:], ix[:, None]], dim=1)
+            ctx = torch.cat([ctx if sequences and ctx.shape[1] < block else ctx[:, 1:], ix[:, None]], dim=1)
     finally:
         model.train(was_training)
     cut = int((~done).sum())

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, fastpath
-from .data import BUILTIN_NAME, SPLITS, Dataset, make_dataset
+from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, make_model_data
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .gradcheck import check_model, format_table, passed
-from .model import DEFAULTS, TRAINING, Model, ModelConfig, build_model
+from .model import DEFAULTS, SEQUENCE_MODELS, TRAINING, Model, ModelConfig, build_model
 from .optim import learning_rate, make_optimizer
 from .sample import generate
 
@@ -89,12 +89,21 @@ class TrainConfig:
                 d[k] = v
         return TrainConfig(**d)
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
+    def model_config(self, vocab_size: int, block_size: int | None = None) -> ModelConfig:
+        """The model this config builds over a vocabulary of `vocab_size`; `block_size`, where given,
+        is the data's context (a sequence model's positions come from the data)."""
         d = dict(DEFAULTS[self.model])
         for k in MODEL_SETTINGS:
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
-        return ModelConfig(model=self.model, vocab_size=vocab_size, **d)
+        if block_size is not None:
+            d["block_size"] = block_size
+        return ModelConfig(model=self.model, vocab_size=vocab_size, sequences=self.model in SEQUENCE_MODELS, **d)
+
+    def dataset(self) -> Dataset:
+        """The data this config trains on (`data.make_model_data`): for a sequence model, whole items over
+        `block_size` positions (None: the longest item's); else examples of `block_size` ids."""
+        return make_model_data(self.model in SEQUENCE_MODELS, self.data, self.block_size, self.split, self.seed)
 
 
 def refuse_idle_settings(cfg: TrainConfig) -> None:
@@ -175,10 +184,12 @@ def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048) -> floa
     model.eval()
     net = fastpath.fused(model)
     try:
-        total = 0.0
+        total, counted = 0.0, 0
         for i in range(0, len(Y), chunk):
-            total += float(net.forward(X[i:i + chunk], Y[i:i + chunk])) * len(Y[i:i + chunk])
-        return total / max(len(Y), 1)
+            n = int((Y[i:i + chunk] != IGNORE).sum())  # the targets the loss counts (sequence data pads)
+            total += float(net.forward(X[i:i + chunk], Y[i:i + chunk])) * n
+            counted += n
+        return total / max(counted, 1)
     finally:
         model.train(was_training)
         net.clear_saved()
@@ -285,8 +296,9 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
     step_path(cfg, device, resume)  # a bad --impl refused before anything is loaded or written
     prepare_run_folder(Path(cfg.out), fresh=resume is None)
-    ds = make_dataset(cfg.data, block_size=cfg.block_size, split=cfg.split, seed=cfg.seed)
-    model = build_model(cfg.model_config(len(ds.vocab)), seed=cfg.seed, device=device, dtype=DTYPES[cfg.dtype])
+    ds = cfg.dataset()
+    model = build_model(cfg.model_config(len(ds.vocab), ds.block_size), seed=cfg.seed, device=device,
+                        dtype=DTYPES[cfg.dtype])
     return fit(model, ds, given, resume=resume)
 
 
@@ -354,6 +366,9 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     if dtype not in DTYPES.values():
         raise HandgradError(f"the model's parameters are {dtype}; handgrad trains float32 or float64")
     mc = model.config
+    if mc.sequences != data.sequences:
+        kinds = {True: "whole items (make_sequence_dataset)", False: "examples of a context (make_dataset)"}
+        raise HandgradError(f"the model reads {kinds[mc.sequences]}; the data holds {kinds[data.sequences]}")
     if mc.block_size != data.block_size or mc.vocab_size != len(data.vocab):
         raise HandgradError(f"the model takes contexts of {mc.block_size} over a vocabulary of {mc.vocab_size}; the data "
                             f"has {data.block_size} and {len(data.vocab)} (len(data.vocab) counts the boundary token)")
