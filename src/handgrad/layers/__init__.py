@@ -1,15 +1,23 @@
 """Layers: each forward with its hand-written backward right below it.
 
 - `core`: the layer contract (`Module`), Embedding, Flatten, FlattenConsecutive, Linear, TiedLinear,
-  Tanh, Sequential, Residual, and the helpers that lay parameters into one tensor;
-- `norm`: BatchNorm1d and its stepwise form;
+  Tanh, PositionEmbedding, GELU (tanh approximation), Dropout, Sequential, Residual, and the helpers that
+  lay parameters into one tensor;
+- `norm`: BatchNorm1d, LayerNorm and their stepwise forms;
+- `attention`: causal multi-head self-attention, fused and stepwise;
+- `recurrent`: the RNN, GRU and LSTM cells, and Recurrent, a cell run over a sequence (backpropagation
+  through time);
 - `tables`: the fused table layers the compiled step runs.
 """
-from .core import (PAD_MIN_ROWS, Embedding, Flatten, FlattenConsecutive, Linear, Module, Residual, Sequential, Tanh,
-                   TiedLinear, output_padding, packed, views_like, zero_all)
-from .norm import BatchNorm1d, BatchNorm1dStepwise
+from .attention import CausalSelfAttention, CausalSelfAttentionStepwise
+from .core import (GELU, PAD_MIN_ROWS, Dropout, Embedding, Flatten, FlattenConsecutive, Linear, Module, PositionEmbedding,
+                   Residual, Sequential, Tanh, TiedLinear, output_padding, packed, views_like, zero_all)
+from .norm import BatchNorm1d, BatchNorm1dStepwise, LayerNorm, LayerNormStepwise
+from .recurrent import GRUCell, LSTMCell, Recurrent, RecurrentCell, RNNCell
 from .tables import EmbeddingLinear, EmbeddingLinearBatchNormTanh
 
-__all__ = ["PAD_MIN_ROWS", "BatchNorm1d", "BatchNorm1dStepwise", "Embedding", "EmbeddingLinear",
-           "EmbeddingLinearBatchNormTanh", "Flatten", "FlattenConsecutive", "Linear", "Module", "Residual", "Sequential",
-           "Tanh", "TiedLinear", "output_padding", "packed", "views_like", "zero_all"]
+__all__ = ["GELU", "PAD_MIN_ROWS", "BatchNorm1d", "BatchNorm1dStepwise", "CausalSelfAttention",
+           "CausalSelfAttentionStepwise", "Dropout", "Embedding", "EmbeddingLinear", "EmbeddingLinearBatchNormTanh",
+           "Flatten", "FlattenConsecutive", "LayerNorm", "LayerNormStepwise", "Linear", "Module", "PositionEmbedding",
+           "Residual", "Sequential", "Tanh", "TiedLinear", "output_padding", "packed", "views_like", "zero_all",
+           "GRUCell", "LSTMCell", "Recurrent", "RecurrentCell", "RNNCell"]

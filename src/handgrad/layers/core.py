@@ -505,3 +505,74 @@ class Residual(Module):
     def backward(self, dout):
         (block, frame), = self.saved["tape"]
         return dout + backward_on_tape(block, frame, dout)
+
+
+class PositionEmbedding(Module):
+    """A learned table of one vector per position, added to the input: (B, T, C) -> x + weight[:T],
+    weight (block_size, C). Nothing kept from the forward: the backward reads T from dout."""
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        self.add_param("weight", torch.randn(block_size, n_embd))
+
+    def forward(self, x):
+        block_size, n_embd = self.params["weight"].shape
+        if x.ndim != 3 or x.shape[2] != n_embd:
+            raise HandgradError(f"position embedding: expected input (batch, time, {n_embd}), got {tuple(x.shape)}")
+        if x.shape[1] > block_size:
+            raise HandgradError(f"position embedding: {x.shape[1]} positions exceed its table of {block_size}")
+        return x + self.params["weight"][:x.shape[1]]
+
+    # out[b, t] = x[b, t] + weight[t]:  dx = dout,  d weight[t] = sum over the batch of dout[b, t] (t < T)
+    def backward(self, dout):
+        self.grads["weight"][:dout.shape[1]].add_(dout.sum(0))
+        return dout
+
+
+GELU_SCALE = (2 / torch.pi) ** 0.5  # sqrt(2 / pi)
+GELU_CUBIC = 0.044715
+
+
+class GELU(Module):
+    """GELU in its tanh approximation (as GPT-2): gelu(x) = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+    Keeps the input (a reference); the backward recomputes tanh(u) from it."""
+
+    def forward(self, x):
+        self.saved["x"] = x
+        return F.gelu(x, approximate="tanh")
+
+    # d gelu/dx = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),  t = tanh(u);
+    # with s = sigmoid(2u) = (1 + t)/2, so 1 - t^2 = 4 s (1 - s):  d gelu/dx = s (1 + x (1 - s) 2 du/dx)
+    def backward(self, dout):
+        x = self.saved["x"]
+        x2 = x * x
+        # 2u = x (2 sqrt(2/pi) + 2 sqrt(2/pi) 0.044715 x^2); one transcendental pass, 11 passes in all
+        s = torch.addcmul(x * (2 * GELU_SCALE), x, x2, value=2 * GELU_SCALE * GELU_CUBIC).sigmoid_()
+        x_not_s = torch.addcmul(x, x, s, value=-1)  # x (1 - s)
+        two_du = x2.mul_(6 * GELU_SCALE * GELU_CUBIC).add_(2 * GELU_SCALE)  # 2 du/dx, in x2's memory
+        return two_du.mul_(x_not_s).add_(1).mul_(s).mul_(dout)
+
+
+class Dropout(Module):
+    """In training, each entry kept with probability 1 - p and scaled by 1 / (1 - p) (the mask drawn from
+    torch's default generator, kept for the backward), else zeroed; in eval (or with p = 0), the identity.
+    A replayed step (`fastpath.ReplayStep`) records the draw and draws anew on every replay."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise HandgradError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            self.saved.pop("mask", None)  # no mask: this call's backward is the identity too
+            return x
+        mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)  # 0 or 1 / (1 - p)
+        self.saved["mask"] = mask
+        return x * mask
+
+    # out = x * mask:  dx = dout * mask (the identity where no mask was drawn)
+    def backward(self, dout):
+        mask = self.saved.get("mask")
+        return dout if mask is None else dout * mask

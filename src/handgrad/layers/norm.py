@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import HandgradError
 from .core import Module
 
 
@@ -138,3 +139,83 @@ class BatchNorm1dStepwise(BatchNorm1d):
         # bnmean = mean(x):  each element gets 1/N
         return g["bndiff"] + g["bnmean"] / n
 
+
+
+class LayerNorm(Module):
+    """Layer normalization over the last axis (channels), each row on its own: the same in training
+    and eval, no running statistics.
+
+    Keeps from the forward: the input (a reference to the tensor it was given) and each row's mean
+    and rstd = 1 / sqrt(biased var + eps), (..., 1) each; the backward recomputes
+    xhat = (x - mean) * rstd from them rather than keeping a tensor of the input's size.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.add_param("weight", torch.ones(dim))
+        self.add_param("bias", torch.zeros(dim))
+
+    def forward(self, x):
+        if x.shape[-1] != self.dim:
+            raise HandgradError(f"layer norm over {self.dim} channels got an input of shape {tuple(x.shape)}")
+        # one kernel: the row means, rstd, and gamma * xhat + beta
+        out, mean, rstd = torch.native_layer_norm(x, (self.dim,), self.params["weight"], self.params["bias"], self.eps)
+        self.saved["x"], self.saved["mean"], self.saved["rstd"] = x, mean, rstd
+        return out
+
+    # xhat = (x - mean) * rstd over C channels, dxhat = dy * gamma:
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dgamma = sum(dy * xhat),  dbeta = sum(dy)
+    def backward(self, dout):
+        s = self.saved
+        rows = tuple(range(dout.ndim - 1))
+        xhat = (s["x"] - s["mean"]).mul_(s["rstd"])
+        self.grads["weight"].add_((dout * xhat).sum(rows))
+        self.grads["bias"].add_(dout.sum(rows))
+        dxhat = dout * self.params["weight"]
+        dxhat_mean = dxhat.mean(-1, keepdim=True)
+        dxhat_xhat_mean = (dxhat * xhat).mean(-1, keepdim=True)
+        # (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) * rstd, in dxhat's memory
+        return dxhat.sub_(dxhat_mean).sub_(xhat.mul_(dxhat_xhat_mean)).mul_(s["rstd"])
+
+
+class LayerNormStepwise(LayerNorm):
+    """Layer normalization as a chain of small steps over the last axis, each intermediate kept by name:
+    mean -> diff -> squared diff -> variance -> rstd -> normalize -> scale and shift.
+    """
+
+    inspectable = ("lnmean", "lndiff", "lndiff2", "lnvar", "lnrstd", "lnraw")
+
+    def forward(self, x):
+        if x.shape[-1] != self.dim:
+            raise HandgradError(f"layer norm over {self.dim} channels got an input of shape {tuple(x.shape)}")
+        s = self.saved
+        s["lnmean"] = x.mean(-1, keepdim=True)
+        s["lndiff"] = x - s["lnmean"]
+        s["lndiff2"] = s["lndiff"] ** 2
+        s["lnvar"] = s["lndiff2"].mean(-1, keepdim=True)  # biased: divide by C
+        s["lnrstd"] = (s["lnvar"] + self.eps).rsqrt()
+        s["lnraw"] = s["lndiff"] * s["lnrstd"]
+        return s["lnraw"] * self.params["weight"] + self.params["bias"]
+
+    def backward(self, dout):
+        s, g = self.saved, self.saved_grads
+        rows = tuple(range(dout.ndim - 1))
+        n = dout.shape[-1]
+        # out = gamma * lnraw + beta
+        self.grads["weight"].add_((dout * s["lnraw"]).sum(rows))
+        self.grads["bias"].add_(dout.sum(rows))
+        g["lnraw"] = dout * self.params["weight"]
+        # lnraw = lndiff * lnrstd
+        g["lnrstd"] = (g["lnraw"] * s["lndiff"]).sum(-1, keepdim=True)
+        dlndiff = g["lnraw"] * s["lnrstd"]
+        # lnrstd = (lnvar + eps)^(-1/2):  d/dlnvar = -rstd^3 / 2
+        g["lnvar"] = -0.5 * g["lnrstd"] * s["lnrstd"] ** 3
+        # lnvar = mean(lndiff2) over channels:  each element gets 1/C
+        g["lndiff2"] = g["lnvar"].expand_as(dout) / n
+        # lndiff2 = lndiff^2:  d/dlndiff = 2 lndiff
+        g["lndiff"] = dlndiff + 2 * s["lndiff"] * g["lndiff2"]
+        # lndiff = x - lnmean
+        g["lnmean"] = -g["lndiff"].sum(-1, keepdim=True)
+        # lnmean = mean(x) over channels:  each element gets 1/C
+        return g["lndiff"] + g["lnmean"] / n

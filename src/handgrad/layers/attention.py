@@ -1,0 +1,189 @@
+"""Causal multi-head self-attention, each forward with its hand-written backward right below it:
+a stepwise form that keeps every intermediate by name, and a fused one that training runs.
+
+Input and output (B, T, C); C = n_head * D. Per head h, position t:
+
+    q, k, v = x Wq + bq, x Wk + bk, x Wv + bv          (one (C, 3C) weight, one 3C bias)
+    scores  = q k^T / sqrt(D)                          (T, T)
+    masked  = scores where s <= t, -inf where s > t    (position t sees itself and the past only)
+    att     = softmax(masked) over s
+    y       = att v                                    (T, D)
+    out     = merge(y over heads) Wo + bo
+
+The -inf entries make att exactly 0 at future positions, so the softmax's backward gives their
+scores exactly 0 gradient: no gradient flows from an output into a later position's input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import HandgradError
+from .core import Module
+
+
+def causal_mask(block_size: int) -> torch.Tensor:
+    """(block_size, block_size): 0 where a query may see a key (key <= query), -inf above the diagonal."""
+    return torch.full((block_size, block_size), float("-inf")).triu_(1)
+
+
+class CausalSelfAttention(Module):
+    """Causal multi-head self-attention, fused: batched matrix products over (batch x heads), the
+    softmax's backward in closed form.
+
+    Keeps from the forward: the input (a reference to the tensor it was given), the heads' q, k and v
+    (one tensor, (3, B*H, T, D)) and the attention weights att (B*H, T, T). Not kept, since one
+    batched product recomputes it in the backward: y = att v, the merged heads the output projection
+    read (B*T, C). Not kept at all: the scores and masked scores (the softmax's backward needs only
+    att).
+
+    Parameters: qkv_weight (C, 3C) and qkv_bias (3C), whose columns are q's, then k's, then v's, each
+    head's D columns in turn; proj_weight (C, C) and proj_bias (C). `block_size` is the longest
+    context the layer accepts (the causal mask is made once at that size).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool = True):
+        super().__init__()
+        if n_embd % n_head:
+            raise HandgradError(f"attention: {n_embd} channels do not split into {n_head} heads of equal width")
+        self.n_embd, self.n_head, self.block_size = n_embd, n_head, block_size
+        self.head_dim = n_embd // n_head
+        self.scale = self.head_dim**-0.5
+        # variance-preserving scale 1 / sqrt(fan_in), as Linear
+        self.add_param("qkv_weight", torch.randn(n_embd, 3 * n_embd) * n_embd**-0.5)
+        if bias:
+            self.add_param("qkv_bias", torch.zeros(3 * n_embd))
+        self.add_param("proj_weight", torch.randn(n_embd, n_embd) * n_embd**-0.5)
+        if bias:
+            self.add_param("proj_bias", torch.zeros(n_embd))
+        # a constant of the layer, not a buffer: no checkpoint needs it, `to` moves it
+        self.mask = causal_mask(block_size)
+
+    def to(self, device=None, dtype=None, memo: dict | None = None) -> "CausalSelfAttention":
+        self.mask = self.mask.to(device=device, dtype=dtype)
+        return super().to(device, dtype, memo)
+
+    def check_input(self, x) -> None:
+        if x.ndim != 3 or x.shape[2] != self.n_embd:
+            raise HandgradError(f"attention: expected input (batch, time, {self.n_embd}), got {tuple(x.shape)}")
+        if x.shape[1] > self.block_size:
+            raise HandgradError(f"attention: {x.shape[1]} positions exceed the layer's context of {self.block_size}")
+
+    def project(self, x2, weight: str, bias: str):
+        b = self.params.get(bias)
+        return torch.mm(x2, self.params[weight]) if b is None else torch.addmm(b, x2, self.params[weight])
+
+    def forward(self, x):
+        self.check_input(x)
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        x2 = x.reshape(B * T, C)
+        qkv = self.project(x2, "qkv_weight", "qkv_bias")  # (B*T, 3C)
+        # one copy into head-major order: q, k, v each (B*H, T, D), contiguous for the batched products
+        heads = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, D)
+        q, k, v = heads[0], heads[1], heads[2]
+        # scores = q k^T / sqrt(D) + mask, in one batched product that adds the (T, T) mask to every matrix
+        scores = torch.baddbmm(self.mask[:T, :T], q, k.transpose(1, 2), alpha=self.scale)
+        # the softmax over keys, written over the scores unless autograd is recording this forward
+        att = torch.softmax(scores, -1, out=None if torch.is_grad_enabled() else scores)
+        y = torch.bmm(att, v)  # (B*H, T, D)
+        merged = y.view(B, H, T, D).transpose(1, 2).reshape(B * T, C)
+        self.saved["x"], self.saved["heads"], self.saved["att"] = x2, heads, att
+        return self.project(merged, "proj_weight", "proj_bias").view(B, T, C)
+
+    # out = merged Wo + bo,  y = att v,  att = softmax(q k^T / sqrt(D) + mask),  q k v = x Wqkv + bqkv:
+    # d masked = att * (d att - sum_s(d att * att))  (the softmax's Jacobian, 0 wherever att is 0);
+    # dq = d scores k / sqrt(D),  dk = d scores^T q / sqrt(D),  dv = att^T dy,  d att = dy v^T
+    def backward(self, dout):
+        x2, heads, att = self.saved["x"], self.saved["heads"], self.saved["att"]
+        B, T, C = dout.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = heads[0], heads[1], heads[2]
+        dout2 = dout.reshape(B * T, C)
+        merged = torch.bmm(att, v).view(B, H, T, D).transpose(1, 2).reshape(B * T, C)  # recomputed: one product
+        self.accumulate(dout2, merged, "proj_weight", "proj_bias")
+        dmerged = F.linear(dout2, self.params["proj_weight"])  # dout Wo^T
+        dy = dmerged.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D)
+        datt = torch.bmm(dy, v.transpose(1, 2))
+        dscores = self.softmax_backward(att, datt).mul_(self.scale)  # the 1 / sqrt(D) of both products, once
+        dheads = torch.empty_like(heads)
+        torch.bmm(dscores, k, out=dheads[0])
+        torch.bmm(dscores.transpose(1, 2), q, out=dheads[1])
+        torch.bmm(att.transpose(1, 2), dy, out=dheads[2])
+        dqkv = dheads.view(3, B, H, T, D).permute(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
+        self.accumulate(dqkv, x2, "qkv_weight", "qkv_bias")
+        return F.linear(dqkv, self.params["qkv_weight"]).view(B, T, C)  # dqkv Wqkv^T
+
+    @staticmethod
+    def softmax_backward(att, datt):
+        """d masked = att * (d att - sum over keys of d att * att), into d att's memory."""
+        return datt.sub_((datt * att).sum(-1, keepdim=True)).mul_(att)
+
+    def accumulate(self, dout2, inputs2, weight: str, bias: str) -> None:
+        """A projection's parameter gradients: dW += inputs^T dout, db += the column sums of dout."""
+        self.grads[weight].addmm_(inputs2.T, dout2)
+        if bias in self.grads:
+            self.grads[bias].add_(dout2.sum(0))
+
+
+class CausalSelfAttentionStepwise(CausalSelfAttention):
+    """Causal self-attention as a chain of small steps, every intermediate kept by name (the same
+    parameters as the fused form, the same math):
+    qkv -> q, k, v (B, H, T, D) -> scores -> masked -> att -> y -> merged (B, T, C) -> out.
+    """
+
+    inspectable = ("qkv", "q", "k", "v", "scores", "masked", "att", "y", "merged")
+
+    def forward(self, x):
+        self.check_input(x)
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        s = self.saved
+        s["x"] = x
+        s["qkv"] = x @ self.params["qkv_weight"]
+        if "qkv_bias" in self.params:
+            s["qkv"] = s["qkv"] + self.params["qkv_bias"]
+        q, k, v = s["qkv"].split(C, dim=2)
+        s["q"], s["k"], s["v"] = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        s["scores"] = (s["q"] @ s["k"].transpose(2, 3)) * self.scale
+        s["future"] = self.mask[:T, :T] != 0  # True where the key comes after the query
+        s["masked"] = s["scores"].masked_fill(s["future"], float("-inf"))
+        s["att"] = torch.softmax(s["masked"], dim=-1)
+        s["y"] = s["att"] @ s["v"]
+        s["merged"] = s["y"].transpose(1, 2).reshape(B, T, C)
+        out = s["merged"] @ self.params["proj_weight"]
+        return out + self.params["proj_bias"] if "proj_bias" in self.params else out
+
+    def backward(self, dout):
+        s, g = self.saved, self.saved_grads
+        B, T, C = dout.shape
+        H, D = self.n_head, self.head_dim
+        # out = merged Wo + bo
+        self.grads["proj_weight"].add_(s["merged"].reshape(-1, C).T @ dout.reshape(-1, C))
+        if "proj_bias" in self.grads:
+            self.grads["proj_bias"].add_(dout.sum((0, 1)))
+        g["merged"] = dout @ self.params["proj_weight"].T
+        # merged = the heads side by side: split them back
+        g["y"] = g["merged"].reshape(B, T, H, D).transpose(1, 2)
+        # y = att v:  d att = dy v^T,  dv = att^T dy
+        g["att"] = g["y"] @ s["v"].transpose(2, 3)
+        g["v"] = s["att"].transpose(2, 3) @ g["y"]
+        # att = softmax(masked):  d masked = att * (d att - sum_s(d att * att))
+        g["masked"] = s["att"] * (g["att"] - (g["att"] * s["att"]).sum(-1, keepdim=True))
+        # masked = scores where the key is not in the future, a constant (-inf) where it is
+        g["scores"] = self.mask_backward(g["masked"], s["future"])
+        # scores = q k^T / sqrt(D):  dq = d scores k / sqrt(D),  dk = d scores^T q / sqrt(D)
+        g["q"] = (g["scores"] @ s["k"]) * self.scale
+        g["k"] = (g["scores"].transpose(2, 3) @ s["q"]) * self.scale
+        # q, k, v = qkv split in three along channels, each (B, T, C) cut into heads
+        g["qkv"] = torch.cat([t.transpose(1, 2).reshape(B, T, C) for t in (g["q"], g["k"], g["v"])], dim=2)
+        # qkv = x Wqkv + bqkv
+        self.grads["qkv_weight"].add_(s["x"].reshape(-1, C).T @ g["qkv"].reshape(-1, 3 * C))
+        if "qkv_bias" in self.grads:
+            self.grads["qkv_bias"].add_(g["qkv"].sum((0, 1)))
+        return g["qkv"] @ self.params["qkv_weight"].T
+
+    @staticmethod
+    def mask_backward(dmasked, future):
+        """d scores: d masked where the key is visible, 0 at future keys (the constant there has no input)."""
+        return dmasked.masked_fill(future, 0.0)
