@@ -300,10 +300,9 @@ def cmd_check(args) -> int:
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
     model = build_model(mc, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
     require_batch_statistics(model, args.batch_size)
-    gen = torch.Generator().manual_seed(args.seed)
-    n = ds.sizes()["train"]
-    idx = torch.randint(0, n, (args.batch_size,), generator=gen)
-    x, y = ds.X["train"][idx].to(device), ds.Y["train"][idx].to(device)
+    from .data import check_batch
+
+    x, y = (t.to(device) for t in check_batch(ds, args.batch_size, args.seed))
     results = check_model(model, x, y)
     if args.fd_samples:
         results += finite_difference_check(model, x, y, samples_per_param=args.fd_samples)

@@ -251,3 +251,13 @@ def make_model_data(sequences: bool, path: str | Path | None = None, block_size:
     if split != "words":
         raise HandgradError(f"--split {split}: a sequence model trains on whole items, split by words (--split words)")
     return make_sequence_dataset(path, context=block_size, seed=seed, vocab=vocab)
+
+
+def check_batch(ds: Dataset, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch a gradient check runs on: rows of the training split drawn with `seed`; for sequence data
+    the longest item among them, so that every position, the last one too, carries a gradient."""
+    n = ds.sizes()["train"]
+    idx = torch.randint(0, n, (min(batch_size, n),), generator=torch.Generator().manual_seed(seed))
+    if ds.sequences:
+        idx[0] = int((ds.Y["train"] != IGNORE).sum(1).argmax())
+    return ds.X["train"][idx], ds.Y["train"][idx]

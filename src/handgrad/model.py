@@ -15,7 +15,11 @@ from .layers import (
     Embedding,
     Flatten,
     FlattenConsecutive,
+    GRUCell,
     Linear,
+    LSTMCell,
+    Recurrent,
+    RNNCell,
     Sequential,
     Tanh,
 )
@@ -232,13 +236,33 @@ def build_wavenet(c: ModelConfig) -> Sequential:
     return Sequential(layers)
 
 
-MODELS = {"mlp": build_mlp, "deep-mlp": build_deep_mlp, "wavenet": build_wavenet}
-SEQUENCE_MODELS: set[str] = set()  # the families of whole items (ModelConfig.sequences)
+def build_recurrent(c: ModelConfig) -> Sequential:
+    """Embedding -> n_layers recurrent layers (the cell of `c.model`, a learned initial state) -> output
+    Linear, predicting the next token at every position. The cells draw their weights as torch's do,
+    U(-1/sqrt(H), 1/sqrt(H)); the output layer is scaled by 0.1, so the first predictions are nearly
+    uniform."""
+    cell = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}[c.model]
+    layers = [("embedding", Embedding(c.vocab_size, c.n_embd))]
+    fan_in = c.n_embd
+    for i in range(1, c.n_layers + 1):
+        layers.append((f"{c.model}{i}", Recurrent(cell(fan_in, c.n_hidden))))
+        fan_in = c.n_hidden
+    layers.append(("output", output_layer(c)))
+    return Sequential(layers)
+
+
+MODELS = {"mlp": build_mlp, "deep-mlp": build_deep_mlp, "wavenet": build_wavenet,
+          "rnn": build_recurrent, "gru": build_recurrent, "lstm": build_recurrent}
+SEQUENCE_MODELS = {"rnn", "gru", "lstm"}  # the families of whole items (ModelConfig.sequences)
 
 DEFAULTS = {
     "mlp": dict(block_size=3, n_embd=10, n_hidden=200, n_layers=1),
     "deep-mlp": dict(block_size=3, n_embd=10, n_hidden=100, n_layers=5),
     "wavenet": dict(block_size=8, n_embd=24, n_hidden=128, n_layers=3),
+    # the sequence models' positions come from the data (its longest item and the end token)
+    "rnn": dict(n_embd=32, n_hidden=128, n_layers=1),
+    "gru": dict(n_embd=32, n_hidden=128, n_layers=1),
+    "lstm": dict(n_embd=32, n_hidden=128, n_layers=1),
 }
 
 # How each model trains well on names-like data: `handgrad train`'s defaults where no flag says otherwise.
@@ -250,6 +274,12 @@ TRAINING = {
                      batch_size=64),
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
+    "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.01, steps=20_000,
+                batch_size=64),
+    "gru": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.01, steps=20_000,
+                batch_size=64),
+    "lstm": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.01, steps=20_000,
+                 batch_size=64),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, fastpath
-from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, make_model_data
+from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
@@ -416,9 +416,7 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     Y = {s: ds.Y[s].to(device) for s in SPLITS}
 
     if cfg.check:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randint(0, sizes["train"], (min(cfg.batch_size, sizes["train"]),), generator=gen).to(device)
-        x, y = X["train"][idx], Y["train"][idx]
+        x, y = (t.to(device) for t in check_batch(ds, cfg.batch_size, cfg.seed))
 
         def check_before_training(net, failure: str) -> str:
             """Check `net` on the batch into the optimizer's buffers; stop on a mismatch, else the summary."""
