@@ -55,6 +55,16 @@ def positive_float(text: str) -> float:
     return v
 
 
+def dropout_probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"a dropout probability is in [0, 1), got {text}")
+    return v
+
+
 def positive_int_list(text: str) -> list[int]:
     return [positive_int(t.strip()) for t in text.split(",") if t.strip()] or [positive_int(text)]
 
@@ -81,7 +91,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--n-embd", type=positive_int, default=None, help="embedding size (default: the model's)")
     p.add_argument("--n-hidden", type=positive_int, default=None, help="hidden width (default: the model's)")
+    p.add_argument("--n-heads", type=positive_int, default=None,
+                   help="attention heads of --model transformer (default: the model's, 4)")
     p.add_argument("--n-layers", type=positive_int, default=None, help="hidden layers, where the model has several (default: the model's)")
+    p.add_argument("--dropout", type=dropout_probability, default=None,
+                   help="recurrent models: dropout probability after the embedding and after each recurrent layer, "
+                        "in training only (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="floating-point type of the weights and activations (default float32)")
@@ -219,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data file (default: the one the model was trained on)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
-    p = sub.add_parser("bench", help="training steps per second of the seed model: autograd, compiled autograd, "
-                                     "the manual backward and its fast paths, side by side")
+    p = sub.add_parser("bench", help="training steps per second of the seed model (or --model M): autograd, compiled "
+                                     "autograd, the manual backward and its fast paths, side by side")
+    from .model import MODELS
+
+    p.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                   help="model family, at its default sizes (default mlp, the seed's); other families also report "
+                        "tokens/s and the bytes a training forward keeps, manual against autograd")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -294,7 +314,8 @@ def cmd_check(args) -> int:
 
     device = resolve_device(args.device)
     tc = TrainConfig(data=args.data, model=args.model, split=args.split, seed=args.seed, block_size=args.block_size,
-                     n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers).resolved()
+                     n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=args.n_heads,
+                     dropout=args.dropout).resolved()
     ds = tc.dataset()
     mc = tc.model_config(len(ds.vocab), ds.block_size)
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
@@ -322,7 +343,8 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, split=args.split, block_size=args.block_size,
-        n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, steps=args.steps,
+        n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout,
+        steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
         optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
         momentum=args.momentum, diagnostics=args.diagnostics,
@@ -379,7 +401,7 @@ def cmd_bench(args) -> int:
     from .bench import BenchConfig, format_table, run_bench
 
     cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes), impls=args.impls or None, threads=args.threads,
-                      device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data)
+                      device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data, model=args.model)
     report = run_bench(cfg)
     print(json.dumps(report, indent=1) if args.json else format_table(report))
     return 0

@@ -44,9 +44,47 @@ def grad_to_data(model) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def gate_saturation(model) -> dict[str, float]:
+    """Recurrent layers: per gate (the GRU's r, z and n, the LSTM's i, f, g and o, the RNN's h), the fraction
+    of its values over every step of the last batch within 0.03 of its bounds (0 or 1 for a sigmoid gate,
+    -1 or 1 for a tanh), where its derivative is under 0.03 and the gradient through it all but stops."""
+    from .layers import Recurrent
+
+    out = {}
+    for name, layer in model.net.named_modules():
+        steps = layer.saved.get("steps") if isinstance(layer, Recurrent) else None
+        if not steps:
+            continue
+        for gate in layer.cell.saturating:
+            values = torch.stack([step[gate] for step in steps])
+            low = -1.0 if gate in ("h", "n", "g") else 0.0  # tanh's range, else the sigmoid's
+            out[f"{name.rstrip('.')}.{gate}"] = float(((values - low < 0.03) | (1 - values < 0.03)).float().mean())
+    return out
+
+
+@torch.no_grad()
+def attention_entropy(model) -> dict[str, float]:
+    """Attention layers: the mean entropy of the last batch's attention rows, in nats. Near 0, each
+    position attends to one other (sharp); near ln(positions seen), to all alike (diffuse)."""
+    from .layers import CausalSelfAttention, CausalSelfAttentionStepwise
+
+    out = {}
+    for name, layer in model.net.named_modules():
+        att = layer.saved.get("att") if isinstance(layer, (CausalSelfAttention, CausalSelfAttentionStepwise)) else None
+        if att is not None:
+            out[name.rstrip(".")] = float(-(att * att.clamp_min(1e-30).log()).sum(-1).mean())
+    return out
+
+
 def measure(model) -> dict[str, dict[str, float]]:
-    """The metrics.jsonl fields: {'saturation': {tanh layer: fraction}, 'grad_to_data': {weight: ratio}}."""
-    return {"saturation": tanh_saturation(model), "grad_to_data": grad_to_data(model)}
+    """The metrics.jsonl fields: {'saturation': {tanh layer or recurrent gate: fraction}, 'grad_to_data':
+    {weight: ratio}}, and for a transformer {'attention_entropy': {attention layer: nats}}."""
+    out = {"saturation": {**tanh_saturation(model), **gate_saturation(model)}, "grad_to_data": grad_to_data(model)}
+    entropy = attention_entropy(model)
+    if entropy:
+        out["attention_entropy"] = entropy
+    return out
 
 
 def plot(metrics: list[dict], path: Path) -> None:
@@ -67,8 +105,8 @@ def plot(metrics: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if names:
             ax.legend(fontsize=7)
-    ax1.set_ylabel(f"fraction of |tanh| > {SATURATED}")
-    ax1.set_title("tanh saturation")
+    ax1.set_ylabel(f"fraction saturated (|tanh| > {SATURATED}; gates within 0.03 of a bound)")
+    ax1.set_title("saturation: tanh layers, recurrent gates")
     ax2.set_ylabel("std(grad) / std(weight)")
     ax2.set_yscale("log")
     ax2.set_title("gradient-to-data ratio")

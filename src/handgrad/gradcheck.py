@@ -123,6 +123,24 @@ def _restore_buffers(model, saved):
             b.copy_(saved[n])
 
 
+class SameDraws:
+    """The random generators' state (torch's CPU one, and the GPU's where the model is there), taken
+    once; `restore()` puts it back before each forward of a check, so that every forward draws the same
+    numbers: a Dropout layer the same mask in autograd's forward, the manual one and each finite
+    difference's. The check is then of the backward training runs, mask included, at one draw."""
+
+    def __init__(self, model):
+        self.cpu = torch.get_rng_state()
+        params = model.parameters()
+        self.device = params[0].device if params and params[0].device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 def float64_copy(obj):
     """A deep copy of a layer or model in float64 (one deep copy: a tensor two layers share stays shared)."""
     return copy.deepcopy(obj).to(dtype=torch.float64)
@@ -184,10 +202,11 @@ def check_model(model, x, y, grads: list[torch.Tensor] | None = None, atol: floa
     dtype = model.parameters()[0].dtype
     atol = tolerance(dtype) if atol is None else atol
     rtol = relative_tolerance(dtype) if rtol is None else rtol
-    saved = _saved_buffers(model)
+    saved, draws = _saved_buffers(model), SameDraws(model)
     try:
         inter_ref, param_ref, _ = autograd_reference(model, x, y)
         _restore_buffers(model, saved)
+        draws.restore()
         own_before = model.grads()
         with torch.no_grad():
             model.zero_grad()
@@ -223,8 +242,15 @@ def finite_difference_check(
     model.clear_saved()  # saved tensors of an autograd forward cannot be deep-copied
     m = float64_copy(model)
     gen = torch.Generator().manual_seed(seed)
+    draws = SameDraws(m)
+
+    def loss() -> float:
+        draws.restore()
+        return m.forward(x, y).item()
+
     with torch.no_grad():
         m.zero_grad()
+        draws.restore()
         m.forward(x, y)
         m.backward()
         results = []
@@ -234,7 +260,7 @@ def finite_difference_check(
             idx = torch.randperm(flat_p.numel(), generator=gen)[:k]
             numeric = torch.empty(k, dtype=torch.float64, device=flat_p.device)
             for j, i in enumerate(idx.tolist()):
-                numeric[j] = central_difference(lambda: m.forward(x, y).item(), flat_p, i, eps)
+                numeric[j] = central_difference(loss, flat_p, i, eps)
             sampled = compare(name, "finite-difference", flat_g[idx], numeric, atol, rtol)
             results.append(with_note(replace(sampled, shape=tuple(p.shape)), f"{k} of {flat_p.numel()} entries"))
     return results

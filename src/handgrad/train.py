@@ -30,7 +30,11 @@ from .sample import generate
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers")
+MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers", "n_heads", "dropout")
+ONLY_FOR = {  # model settings that only some families have: (those families, what the others lack)
+    "n_heads": (("transformer",), "attention"),
+    "dropout": (("rnn", "gru", "lstm"), "dropout layers"),
+}
 OWN_RECIPE = "mlp"  # a model of one's own trains with the seed's recipe where nothing says otherwise
 
 
@@ -47,6 +51,8 @@ class TrainConfig:
     n_embd: int | None = None
     n_hidden: int | None = None
     n_layers: int | None = None
+    n_heads: int | None = None  # the transformer's attention heads
+    dropout: float | None = None  # the recurrent models' dropout probability
     steps: int | None = None  # None here and below: the model's default (model.TRAINING)
     batch_size: int | None = None
     lr: float | None = None
@@ -128,6 +134,10 @@ def refuse_idle_settings(cfg: TrainConfig) -> None:
     if cfg.stop_at and cfg.stop_at > steps:
         raise HandgradError(f"--stop-at {cfg.stop_at:,} is beyond the run's {steps:,} steps (--steps): the run would "
                             f"end before it")
+    for setting, (families, what) in ONLY_FOR.items():
+        if getattr(cfg, setting) is not None and cfg.model not in families:
+            raise HandgradError(f"{flag_name(setting)} {getattr(cfg, setting)}: the {cfg.model} has no {what}; it belongs to "
+                                f"--model {' or '.join(families)}")
     if cfg.model == "mlp" and cfg.n_layers not in (None, 1):
         raise HandgradError(f"--n-layers {cfg.n_layers}: the mlp has one hidden layer; --model deep-mlp stacks several")
 
@@ -305,13 +315,13 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
 def step_path(cfg: TrainConfig, device: torch.device, resume: checkpoint.Checkpoint | None) -> tuple[str, str]:
     """The path the manual step takes (fastpath.choose_impl), and why. A resumed run left to `--impl auto`
     takes the saved run's path, whatever the steps left would choose: another path does other arithmetic
-    (BatchNorm's sums, the table layer, the weights' layout), and the resumed run would not end bit for
-    bit where the uninterrupted one does."""
-    saved = (resume.meta.get("step_impl") if resume is not None else None)
+    (BatchNorm's sums, the fused table layer), and the resumed run would not end bit for bit where the
+    uninterrupted one does."""
+    saved = resume.meta.get("step_impl") if resume is not None else None
     if cfg.impl == "auto" and saved in fastpath.IMPLS and saved != "auto" and (saved != "cudagraph" or device.type == "cuda"):
         fastpath.choose_impl(saved, cfg.grad, cfg.steps, cfg.batch_size, cfg.diagnostics, device.type,
                              torch.get_num_threads())  # still possible here
-        return saved, f"auto: the saved run's path, so that the resumed run continues it bit for bit"
+        return saved, "auto: the saved run's path, so that the resumed run continues it bit for bit"
     start = resume.step if resume is not None else 0
     return fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
                                 torch.get_num_threads())
@@ -373,7 +383,8 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
         raise HandgradError(f"the model takes contexts of {mc.block_size} over a vocabulary of {mc.vocab_size}; the data "
                             f"has {data.block_size} and {len(data.vocab)} (len(data.vocab) counts the boundary token)")
     # the run is the model's and the data's: its config records them, whatever `config` said
-    given = replace(given, model=mc.model, **{k: getattr(mc, k) for k in MODEL_SETTINGS},
+    used = [k for k in MODEL_SETTINGS if k not in ONLY_FOR or mc.model in ONLY_FOR[k][0]]
+    given = replace(given, model=mc.model, **{k: getattr(mc, k) for k in used},
                     data=None if data.source == BUILTIN_NAME else data.source, split=data.split_mode,
                     device=str(device), dtype=next(k for k, v in DTYPES.items() if v == dtype))
     if resume is True:
@@ -394,8 +405,9 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     prepare_run_folder(out_dir, fresh=resume is None)
     ds = data
     sizes = ds.sizes()
+    rows = "items (whole, padded)" if ds.sequences else "examples"
     print(f"data: {ds.source}: {len(ds.words)} distinct items, vocabulary {len(ds.vocab)}, "
-          f"context {ds.block_size}; examples train {sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}")
+          f"context {ds.block_size}; {rows} train {sizes['train']:,} / val {sizes['val']:,} / test {sizes['test']:,}")
     if sizes["train"] == 0:
         raise HandgradError("the training split is empty")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -93,6 +93,7 @@ class RNNCell(RecurrentCell):
     """h' = tanh(x W_ih + b_ih + h W_hh + b_hh), as torch.nn.RNNCell with its tanh."""
 
     step_intermediates = ("a", "h")
+    saturating = ("h",)  # what saturates, and so passes little gradient: diagnostics.gate_saturation
 
     def forward_step(self, xw, state):
         (h,) = state
@@ -120,6 +121,7 @@ class GRUCell(RecurrentCell):
 
     gates = 3
     step_intermediates = ("hw", "a_rz", "r", "z", "a_n", "n", "h")
+    saturating = ("r", "z", "n")
 
     def forward_step(self, xw, state):
         (h,) = state
@@ -167,6 +169,7 @@ class LSTMCell(RecurrentCell):
     gates = 4
     state_names = ("h", "c")
     step_intermediates = ("a", "i", "f", "g", "o", "c", "h")
+    saturating = ("i", "f", "g", "o")
 
     def forward_step(self, xw, state):
         h, c = state
