@@ -67,3 +67,32 @@ def interrupt_after_save(monkeypatch, at_step: int) -> None:
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_interrupt)
+
+
+def assert_resumes_bit_for_bit(folder: Path, capsys, argv: list, stop_at: int) -> tuple[Path, Path]:
+    """`handgrad train ARGV` straight, and the same stopped at `stop_at` then resumed: the same weights and
+    metrics, bit for bit. The two run folders, straight and resumed."""
+    straight, stopped = Path(folder) / "straight", Path(folder) / "stopped"
+    for out, extra in ((straight, []), (stopped, ["--stop-at", str(stop_at)])):
+        rc, _, err = run_cli(["train", "-o", out, *argv, *extra], capsys)
+        assert rc == 0, err
+    rc, _, err = run_cli(["train", "-o", stopped, "--resume"], capsys)
+    assert rc == 0, err
+    assert_bit_identical(weights(straight), weights(stopped))
+    assert metrics(straight) == metrics(stopped)
+    return straight, stopped
+
+
+def assert_tracks_autograd(folder: Path, capsys, argv: list, tolerance: float) -> list[dict]:
+    """`handgrad train ARGV` with the manual backward and with autograd's: the same logged steps, the
+    losses within `tolerance` at each; the manual run's metrics."""
+    for grad in ("manual", "autograd"):
+        rc, _, err = run_cli(["train", "-o", Path(folder) / grad, "--grad", grad, *argv], capsys)
+        assert rc == 0, err
+    m, a = metrics(Path(folder) / "manual"), metrics(Path(folder) / "autograd")
+    assert [r["step"] for r in m] == [r["step"] for r in a]
+    for rm, ra in zip(m, a):
+        assert abs(rm["train_loss"] - ra["train_loss"]) <= tolerance, rm["step"]
+        assert ("val_loss" in rm) == ("val_loss" in ra)
+        assert abs(rm.get("val_loss", 0) - ra.get("val_loss", 0)) <= tolerance, rm["step"]
+    return m

@@ -54,3 +54,30 @@ def test_keep_freed_memory_where_the_c_library_is_glibc():
     assert keep_freed_memory() is glibc
     assert keep_freed_memory() is glibc  # setting it again is harmless
     assert keeps_freed_memory() is glibc  # what the bench reports
+
+
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_other_families_report_tokens_and_the_bytes_kept(model, capsys):
+    assert main(["bench", "--model", model, "--json", "--batch-sizes", "8", "--impls", "autograd,manual,manual-replay",
+                 "--rounds", "1", "--seconds", "0.001"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["model"] == model and report["config"]["model_config"]["sequences"]
+    rows = report["results"]
+    assert [r["impl"] for r in rows] == ["autograd", "manual", "manual-replay"]
+    assert all(r["tokens_per_s"] > r["steps_per_s"] * 8 for r in rows)  # several predictions a row
+    (mem,) = report["memory"]
+    assert mem["batch_size"] == 8 and mem["manual_bytes"] > 0 and mem["autograd_bytes"] > 0
+    assert mem["ratio"] == pytest.approx(mem["manual_bytes"] / mem["autograd_bytes"])
+    assert report["matmul"] == []  # the seed's matmul figures only
+
+
+def test_the_bytes_kept_count_each_storage_once():
+    """A saved view of a saved tensor costs nothing more; the parameters are left out."""
+    import torch
+
+    from handgrad.bench import storages
+
+    a = torch.zeros(100)
+    w = torch.zeros(10)
+    assert storages([a, a[10:], a.view(10, 10)], exclude=set()) == 400
+    assert storages([a, w], exclude={w.untyped_storage().data_ptr()}) == 400

@@ -160,7 +160,9 @@ def test_forward_only_use_keeps_one_frame_per_call():
     hidden = model.net.layers["hidden1"]
     frames = [frame for layer, frame in tape if layer is hidden]
     assert len(frames) == 2 and frames[0][0] is not frames[1][0] and hidden.saved is frames[1][0]  # the last call's
-    assert frames[0][0]["x"] is model.net.outputs["flatten"] and frames[1][0]["x"] is model.net.outputs["tanh1"]
+    assert frames[1][0]["x"] is model.net.layers["tanh1"].saved["out"]  # each call saved its own input
+    assert frames[0][0]["x"] is not frames[1][0]["x"] and frames[0][0]["x"].shape == frames[1][0]["x"].shape
+    assert model.net.outputs == {}  # no autograd recording: nothing kept beyond what a backward needs
 
 
 def test_optimizers_given_a_parameter_twice_hold_it_once():

@@ -31,7 +31,7 @@ def batch(vocab_size, block, n=16, seed=0):
 
 
 def test_every_model_has_defaults():
-    assert set(MODELS) == set(DEFAULTS) == set(TRAINING) == {"mlp", "deep-mlp", "wavenet"}
+    assert set(MODELS) == set(DEFAULTS) == set(TRAINING) == {"mlp", "deep-mlp", "wavenet", "transformer", "rnn", "gru", "lstm"}
 
 
 def test_layer_names_are_readable():
@@ -54,7 +54,7 @@ def test_wavenet_size():
 def test_wavenet_fuses_the_context_down_to_one_step():
     model = build_model(ModelConfig(model="wavenet", **DEFAULTS["wavenet"]))
     x = torch.randint(0, 27, (5, 8))
-    with torch.no_grad():
+    with torch.enable_grad():  # the layers' outputs are kept where autograd may record
         logits = model.forward(x)
     assert logits.shape == (5, 27)
     shapes = {n: tuple(t.shape) for n, t in model.net.outputs.items()}
@@ -132,7 +132,7 @@ def test_init_keeps_deep_activations_healthy():
     for name in ("deep-mlp", "wavenet"):
         model = build_model(ModelConfig(model=name, **DEFAULTS[name]))
         x, y = batch(27, DEFAULTS[name]["block_size"], n=512)
-        with torch.no_grad():
+        with torch.enable_grad():  # the layers' outputs are kept where autograd may record
             loss = model.forward(x, y)
         assert abs(float(loss) - math.log(27)) < 0.1
         for layer_name, layer in model.net.layers.items():

@@ -49,9 +49,12 @@ LR = 0.1  # small enough that thousands of timed steps stay finite
 LARGE_BATCH = 1024  # from here a step is mostly arithmetic: the table shows GFLOP/s, and several steps per call do not pay
 
 
-def default_impls(batch_size: int | None = None, device: str = "cpu") -> list[str]:
+def default_impls(batch_size: int | None = None, device: str = "cpu", model: str = "mlp") -> list[str]:
     """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
-    CUDA graphs only exist on a GPU."""
+    CUDA graphs only exist on a GPU. Models other than the seed's: autograd through the model's own
+    layers, eager and compiled, against the manual step eager and replayed."""
+    if model != "mlp":
+        return ["autograd", "autograd-compiled", "manual", "manual-replay"]
     small = batch_size is None or batch_size < LARGE_BATCH
     impls = ["autograd", "autograd-compiled", "manual", "manual-replay", "manual-compiled"]
     if device == "cuda":
@@ -165,11 +168,47 @@ class AutogradCompiledRunner(AutogradRunner):
     compiled = True
 
 
+class LayersAutogradRunner(Runner):
+    """Autograd through the model's own layers (their forward, autograd's backward into the same
+    gradient buffers, `train.autograd_step`), then the same SGD update as the manual runners: what the
+    hand-written backward replaces, on any model. `compiled`: the forward and loss under torch.compile,
+    autograd running the compiled backward."""
+
+    compiled = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.optimizer = SGD(self.model.parameters(), self.model.grads(), lr=LR)
+        self.forward = torch.compile(self.model.forward) if self.compiled else self.model.forward
+
+    def run(self, n):
+        params, grads = self.model.parameters(), self.model.grads()
+        for p, g in zip(params, grads):
+            p.requires_grad_(True)
+        try:
+            for _ in range(n):
+                x, y = self.batch()
+                for p, g in zip(params, grads):
+                    g.zero_()
+                    p.grad = g
+                self.forward(x, y).backward()
+                self.optimizer.step(LR)
+        finally:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+
+
+class LayersAutogradCompiledRunner(LayersAutogradRunner):
+    compiled = True
+
+
 def make_runner(name: str, *args) -> Runner:
+    seed_model = args[0].model == "mlp"
     if name == "autograd":
-        return AutogradRunner(*args)
+        return AutogradRunner(*args) if seed_model else LayersAutogradRunner(*args)
     if name == "autograd-compiled":
-        return AutogradCompiledRunner(*args)
+        return AutogradCompiledRunner(*args) if seed_model else LayersAutogradCompiledRunner(*args)
     if name == "manual":
         return ManualRunner(*args)
     if name == "manual-replay":
@@ -239,7 +278,7 @@ class BenchConfig:
     seconds: float = 0.25  # per implementation per round
     data: str | None = None
     seed: int = 42
-
+    model: str = "mlp"  # the seed's, or any family with its default sizes
 
 def machine_info(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
@@ -262,19 +301,24 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    from .data import make_dataset
-    from .train import require_threads, resolve_device
+    from .data import IGNORE
+    from .train import TrainConfig, require_threads, resolve_device
 
     threads = require_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.set_num_threads(threads)
-    ds = make_dataset(cfg.data, block_size=3)
+    tc = TrainConfig(model=cfg.model, data=cfg.data).resolved()
+    ds = tc.dataset()
     X, Y = ds.X["train"].to(device), ds.Y["train"].to(device)
-    mc = ModelConfig(vocab_size=len(ds.vocab))
+    mc = tc.model_config(len(ds.vocab), ds.block_size)
+    tokens_per_row = float((ds.Y["train"] != IGNORE).sum()) / len(ds.Y["train"])  # the predictions a row counts
+    memory = []
     results, matmul = [], []
     for batch in cfg.batch_sizes:
+        if cfg.model != "mlp":
+            memory.append({"batch_size": batch, **saved_bytes(build_model(mc, seed=cfg.seed, device=device), X, Y, batch)})
         runners = {}
-        for name in cfg.impls or default_impls(batch, device.type):
+        for name in cfg.impls or default_impls(batch, device.type, cfg.model):
             r = make_runner(name, mc, batch, X, Y, device, cfg.seed)
             t0 = time.perf_counter()
             r.run(r.chunk)  # compiles, where there is anything to compile
@@ -302,31 +346,93 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
                     sync(device)
                     rates[name].append(steps / (time.perf_counter() - t0))
         model = next(iter(runners.values()))[0].model
-        flops = matmul_flops(model, batch)
-        mm = matmul_seconds(model, batch, device)
-        matmul.append({"batch_size": batch, "flop_per_step": flops, "seconds": mm, "gflop_per_s": flops / mm / 1e9})
+        flops = matmul_flops(model, batch) if cfg.model == "mlp" else 0  # the seed's Linears over one row per example
+        if flops:
+            mm = matmul_seconds(model, batch, device)
+            matmul.append({"batch_size": batch, "flop_per_step": flops, "seconds": mm, "gflop_per_s": flops / mm / 1e9})
         for name, (r, steps, first) in runners.items():
             best = max(rates[name])
             results.append({
                 "impl": name, "batch_size": batch, "steps_per_s": best, "threads": cfg.threads, "device": device.type,
                 "median_steps_per_s": statistics.median(rates[name]), "min_steps_per_s": min(rates[name]),
                 "rounds": len(rates[name]), "steps_per_round": steps, "first_call_s": first,
-                "gflop_per_s": flops * best / 1e9,
+                "gflop_per_s": flops * best / 1e9, "tokens_per_s": best * batch * tokens_per_row,
             })
         base = next((x for x in results if x["impl"] == "autograd" and x["batch_size"] == batch), None)
         for x in results:
             if x["batch_size"] == batch:
                 x["vs_autograd"] = x["steps_per_s"] / base["steps_per_s"] if base else None
                 x["vs_autograd_median"] = x["median_steps_per_s"] / base["median_steps_per_s"] if base else None
-    return {"results": results, "matmul": matmul, "machine": machine_info(device),
+    return {"results": results, "matmul": matmul, "memory": memory, "machine": machine_info(device),
             "config": {"batch_sizes": list(cfg.batch_sizes), "impls": cfg.impls or "default", "rounds": cfg.rounds,
-                       "seconds_per_round": cfg.seconds, "dtype": "float32", "model": "mlp (the seed's)", "lr": LR}}
+                       "seconds_per_round": cfg.seconds, "dtype": "float32",
+                       "model": "mlp (the seed's)" if cfg.model == "mlp" else cfg.model,
+                       "model_config": mc.to_dict(), "lr": LR}}
+
+
+def storages(tensors, exclude: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors`, leaving out those in `exclude` (data pointers)."""
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def held_tensors(obj, seen: set[int] | None = None):
+    """Every tensor a layer's saved state holds (dicts, lists and tuples of them, the tapes' frames)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from held_tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from held_tensors(v, seen)
+    elif hasattr(obj, "saved"):  # a layer on a tape
+        yield from held_tensors(obj.saved, seen)
+
+
+def saved_bytes(model, X, Y, batch: int) -> dict:
+    """What a training forward keeps for its backward, on one batch: the manual layers' saved state against
+    the tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`), each as distinct storages,
+    the parameters and the batch left out of both (each side has them anyway)."""
+    x, y = X[:batch], Y[:batch]
+    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.grads(), x, y)}
+    with torch.no_grad():
+        model.forward(x, y)
+    manual = storages([t for _, m in model.net.named_modules() for t in held_tensors(m.saved)]
+                      + list(held_tensors(model.loss_fn.saved)), exclude)
+    model.clear_saved()
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    params = model.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            model.forward(x, y)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        model.clear_saved()
+    autograd = storages(packed, exclude)
+    return {"manual_bytes": manual, "autograd_bytes": autograd, "ratio": manual / max(autograd, 1)}
 
 
 def format_table(report: dict) -> str:
     lines = []
     m = report["machine"]
-    lines.append(f"seed mlp, float32, {report['results'][0]['threads'] if report['results'] else '?'} thread(s), "
+    lines.append(f"{report['config']['model']}, float32, {report['results'][0]['threads'] if report['results'] else '?'} thread(s), "
                  f"{report['results'][0]['device'] if report['results'] else '?'}; {m['cpu']}; torch {m['torch']}")
     header = (f"{'batch':>6}  {'impl':<20} {'steps/s':>10} {'median':>10} {'vs autograd':>11} {'(median)':>8} "
               f"{'GFLOP/s':>8} {'of matmul':>9}")
@@ -336,7 +442,7 @@ def format_table(report: dict) -> str:
         b = x["batch_size"]
         ratio = f"{x['vs_autograd']:.2f}x" if x.get("vs_autograd") else "-"
         ratio_med = f"{x['vs_autograd_median']:.2f}x" if x.get("vs_autograd_median") else "-"
-        big = b >= LARGE_BATCH
+        big = b >= LARGE_BATCH and b in mm
         gf = f"{x['gflop_per_s']:.1f}" if big else ""
         of = f"{x['gflop_per_s'] / mm[b]['gflop_per_s']:.0%}" if big else ""
         lines.append(f"{b:>6}  {x['impl']:<20} {x['steps_per_s']:>10,.1f} {x['median_steps_per_s']:>10,.1f} "
@@ -345,5 +451,10 @@ def format_table(report: dict) -> str:
         if b >= LARGE_BATCH:
             lines.append(f"{b:>6}  {'(matmuls alone)':<20} {1 / x['seconds']:>10,.1f} {'':>10} {'':>11} {'':>8} "
                          f"{x['gflop_per_s']:>8.1f} {'100%':>9}")
+    if report.get("memory"):
+        lines.append("")
+        lines += [f"batch {x['batch_size']}: a training forward keeps {x['manual_bytes']:,} bytes for the manual backward, "
+                  f"{x['autograd_bytes']:,} for autograd's ({x['ratio']:.2f}x); tokens/s of each impl in --json"
+                  for x in report["memory"]]
     lines.append("steps/s: the best of the timed rounds (others share this machine; the median is beside it)")
     return "\n".join(lines)

@@ -402,7 +402,8 @@ class Sequential(Module):
 
     @property
     def outputs(self) -> dict[str, torch.Tensor]:
-        """Each layer's output in the last forward, by layer name."""
+        """Each layer's output in the last forward, by layer name, where autograd recorded it (the
+        gradient check's reference forward); a manual forward keeps only what the backward needs."""
         return self.saved.setdefault("outputs", {})
 
     @property
@@ -414,8 +415,11 @@ class Sequential(Module):
         # in `saved`, as any layer's state: a Sequential called twice keeps a tape and outputs per call
         tape = self.saved["tape"] = []
         outputs = self.saved["outputs"] = {}
+        keep = torch.is_grad_enabled()  # the check retains their gradients; training would only hold more memory
         for name, layer in self.layers.items():
-            x = outputs[name] = forward_on_tape(layer, x, tape)
+            x = forward_on_tape(layer, x, tape)
+            if keep:
+                outputs[name] = x
         return x
 
     def backward(self, dout):
@@ -428,7 +432,8 @@ class Sequential(Module):
     def named_intermediates(self, prefix: str = ""):
         outputs = self.saved.get("outputs", {})
         for name, (layer, frame) in zip(self.layers, self.saved.get("tape", ())):
-            yield f"{prefix}{name}.out", outputs[name]
+            if name in outputs:
+                yield f"{prefix}{name}.out", outputs[name]
             yield from walk_call(layer, frame, "named_intermediates", f"{prefix}{name}.")
 
     def named_intermediate_grads(self, prefix: str = ""):

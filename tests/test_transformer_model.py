@@ -1,0 +1,49 @@
+"""The transformer family through the whole pipeline: check (every block's intermediates, every parameter,
+finite differences), train, eval, sample, exact resume; and manual training tracking autograd's."""
+import json
+
+import pytest
+from cli_run import QUICK, assert_resumes_bit_for_bit, assert_tracks_autograd, run_cli
+
+SMALL = ["--n-embd", "16", "--n-hidden", "32", "--n-layers", "2", "--n-heads", "2"]
+
+
+@pytest.mark.parametrize("form", [[], ["--fused"]], ids=["stepwise", "fused"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_check_passes_on_the_seed_data_listing_every_block(dtype, form, names_txt, capsys):
+    rc, out, err = run_cli(["check", "--model", "transformer", "--dtype", dtype, "-i", names_txt, *SMALL,
+                            "--fd-samples", "3", *form], capsys)
+    assert rc == 0, out + err
+    assert out.rstrip().splitlines()[-1].startswith("PASS")
+    for name in ("attn1.attn.out", "attn2.ln.out", "mlp2.gelu.out", "ln_f.out", "position.weight", "attn1.attn.qkv_weight"):
+        assert name in out, name
+    if not form:  # the stepwise forms list their intermediates
+        assert "attn2.attn.att " in out and "mlp1.ln.lnrstd " in out
+
+
+def test_train_eval_sample_and_resume_bit_for_bit(tmp_path, capsys):
+    common = ["--model", "transformer", *SMALL, "--steps", "40", "--warmup", "10", "--save-every", "0", *QUICK]
+    straight, _ = assert_resumes_bit_for_bit(tmp_path, capsys, common, stop_at=15)
+    run = json.loads((straight / "run.json").read_text())
+    assert run["model_config"]["n_heads"] == 2 and run["config"]["n_heads"] == 2
+    rc, out, err = run_cli(["eval", "-o", straight], capsys)
+    assert rc == 0 and abs(float(out.splitlines()[1].split()[1]) - run["final"]["val"]) <= 5e-5, err
+    rc, out, err = run_cli(["sample", "-o", straight, "-n", "4", "--seed", "2", "--temperature", "0.8"], capsys)
+    assert rc == 0 and len(out.splitlines()) == 4, err
+
+
+def test_manual_training_tracks_autograd_at_every_logged_step(tmp_path, capsys):
+    """2,000 steps, float32, to 1e-4 at every logged step."""
+    common = ["--model", "transformer", *SMALL, "--batch-size", "16", "--steps", "2000", "--warmup", "100",
+              "--log-every", "100", "--eval-every", "1000", "-n", "0", "--no-check", "--save-every", "0"]
+    m = assert_tracks_autograd(tmp_path, capsys, common, tolerance=1e-4)
+    assert len(m) == 21 and m[-1]["val_loss"] < m[0]["val_loss"] - 0.5
+
+
+def test_heads_belong_to_the_transformer(tmp_path, capsys):
+    from cli_run import assert_one_line_error
+
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "gru", "--n-heads", "2", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--n-heads 2: the gru has no attention; it belongs to --model transformer")
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "transformer", "--dropout", "0.1", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--dropout 0.1: the transformer has no dropout layers")
