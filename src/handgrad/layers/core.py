@@ -271,6 +271,11 @@ class FlattenConsecutive(Module):
         return dout.reshape(*self.saved["shape"])  # unpacked: a torch.Size argument takes a slower path
 
 
+def on_rows(fn, t: torch.Tensor) -> torch.Tensor:
+    """`fn` of a matrix, applied to (batch, time, ..., channels) as one matrix of all its rows."""
+    return fn(t.reshape(-1, t.shape[-1])).view(*t.shape[:-1], -1)
+
+
 PAD_MIN_ROWS = 1024  # matmuls over at least this many rows pad a narrow output side
 
 
@@ -295,7 +300,7 @@ class Linear(Module):
 
     def forward(self, x):
         if x.ndim != 2:  # (batch, time, channels): the rows of every time step are one matrix
-            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+            return on_rows(self.forward, x)
         self.saved["x"] = x
         w, b = self.params["weight"], self.params.get("bias")
         pad = x.shape[0] >= PAD_MIN_ROWS and output_padding(w.shape[1], x.shape[0], x.device)  # rows first: small batches skip the call
@@ -308,7 +313,7 @@ class Linear(Module):
     # y = x W + b:  dx = dy W^T,  dW = x^T dy,  db = sum over rows of dy
     def backward(self, dout):
         if dout.ndim != 2:  # as the forward: one matrix of rows
-            return self.backward(dout.reshape(-1, dout.shape[-1])).view(*dout.shape[:-1], -1)
+            return on_rows(self.backward, dout)
         w, x = self.params["weight"], self.saved["x"]
         if "bias" in self.grads:
             self.grads["bias"].add_(dout.sum(0))
@@ -336,14 +341,14 @@ class TiedLinear(Module):
 
     def forward(self, x):
         if x.ndim != 2:  # (batch, time, channels): the rows of every time step are one matrix
-            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+            return on_rows(self.forward, x)
         self.saved["x"] = x
         return F.linear(x, self.params["weight"], self.params.get("bias"))  # x E^T (+ b)
 
     # y = x E^T + b:  dx = dy E,  dE = dy^T x (added to the Embedding's own gradient),  db = sum over rows of dy
     def backward(self, dout):
         if dout.ndim != 2:  # as the forward: one matrix of rows
-            return self.backward(dout.reshape(-1, dout.shape[-1])).view(*dout.shape[:-1], -1)
+            return on_rows(self.backward, dout)
         w, x = self.params["weight"], self.saved["x"]
         if "bias" in self.grads:
             self.grads["bias"].add_(dout.sum(0))
