@@ -39,13 +39,22 @@ for grad in manual autograd; do  # a deeper model with its own optimizer (adamw)
     step "train-wavenet-$grad" hg train --device cuda --model wavenet --steps 2000 --grad "$grad" -n 0 \
         -o "$out/run-wavenet-$grad" "${data[@]}"
 done
+for model in transformer gru; do  # the sequence models: check, a manual/autograd pair, the bench (tokens/s, memory)
+    step "check-$model" hg check --device cuda --dtype float64 --model "$model" "${data[@]}"
+    for grad in manual autograd; do
+        step "train-$model-$grad" hg train --device cuda --model "$model" --steps 2000 --grad "$grad" -n 0 \
+            -o "$out/run-$model-$grad" "${data[@]}"
+    done
+    step "bench-$model" hg bench --device cuda --json --model "$model" --batch-sizes 64,512
+done
 step bench hg bench --device cuda --json --impls "${HANDGRAD_GPU_IMPLS:-autograd,autograd-compiled,manual,manual-replay,manual-compiled,manual-cudagraph,manual-cudagraph-x32}"
 "$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 runs = {}
-for name in ("manual-auto", "manual-eager", "manual-replay", "autograd", "wavenet-manual", "wavenet-autograd"):
+for name in ("manual-auto", "manual-eager", "manual-replay", "autograd", "wavenet-manual", "wavenet-autograd",
+             "transformer-manual", "transformer-autograd", "gru-manual", "gru-autograd"):
     f = out / f"run-{name}" / "metrics.jsonl"
     if f.exists():
         runs[name] = [json.loads(l) for l in f.read_text().splitlines()]
@@ -53,7 +62,8 @@ for name in ("manual-auto", "manual-eager", "manual-replay", "autograd", "wavene
         print(f"{name:18s} steps {last['step'] + 1:>6}  elapsed {last['elapsed']:7.1f} s  "
               f"{(last['step'] + 1) / last['elapsed']:8.1f} steps/s  last val {last.get('val_loss')}")
 for name, ref in (("manual-auto", "autograd"), ("manual-eager", "autograd"), ("manual-replay", "autograd"),
-                  ("wavenet-manual", "wavenet-autograd")):
+                  ("wavenet-manual", "wavenet-autograd"), ("transformer-manual", "transformer-autograd"),
+                  ("gru-manual", "gru-autograd")):
     if name in runs and ref in runs:
         d = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(runs[name], runs[ref]))
         ratio = runs[ref][-1]["elapsed"] / runs[name][-1]["elapsed"]
