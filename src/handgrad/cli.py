@@ -306,8 +306,7 @@ def add_exercise_parser(sub) -> None:
 
 
 def cmd_check(args) -> int:
-    import torch
-
+    from .data import check_batch
     from .gradcheck import check_model, finite_difference_check, format_table, passed
     from .model import ModelConfig, build_model
     from .train import DTYPES, TrainConfig, require_batch_statistics, resolve_device
@@ -321,8 +320,6 @@ def cmd_check(args) -> int:
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
     model = build_model(mc, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
     require_batch_statistics(model, args.batch_size)
-    from .data import check_batch
-
     x, y = (t.to(device) for t in check_batch(ds, args.batch_size, args.seed))
     results = check_model(model, x, y)
     if args.fd_samples:

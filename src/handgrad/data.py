@@ -168,6 +168,15 @@ class Dataset:
         return {s: int((self.Y[s] != IGNORE).sum()) for s in SPLITS}
 
 
+def split_words(words: list[str]) -> dict[str, list[str]]:
+    """The shuffled words 80/10/10 into train, val and test, each split holding at least one."""
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    parts = dict(zip(SPLITS, (words[:n1], words[n1:n2], words[n2:])))
+    if any(not p for p in parts.values()):
+        raise HandgradError(f"too few items to split by words: {len(words)} distinct, need at least 10")
+    return parts
+
+
 def make_dataset(
     path: str | Path | None = None,
     block_size: int = 3,
@@ -186,13 +195,7 @@ def make_dataset(
     vocab = vocab or Vocab.from_words(words)
     X, Y = {}, {}
     if split == "words":
-        n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-        parts = dict(zip(SPLITS, (words[:n1], words[n1:n2], words[n2:])))
-        if any(not p for p in parts.values()):
-            raise HandgradError(
-                f"too few items to split by words: {len(words)} distinct, need at least 10"
-            )
-        for s, ws in parts.items():
+        for s, ws in split_words(words).items():
             X[s], Y[s] = build_examples(ws, vocab, block_size)
     else:
         Xall, Yall = build_examples(words, vocab, block_size)
@@ -231,12 +234,8 @@ def make_sequence_dataset(
     if too_long:
         print(f"warning: cut {len(too_long)} items longer than the context of {length} positions", file=sys.stderr)
         words = [w[:length - 1] if len(w) + 1 > length else w for w in words]
-    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-    parts = dict(zip(SPLITS, (words[:n1], words[n1:n2], words[n2:])))
-    if any(not p for p in parts.values()):
-        raise HandgradError(f"too few items to split by words: {len(words)} distinct, need at least 10")
     X, Y = {}, {}
-    for s, ws in parts.items():
+    for s, ws in split_words(words).items():
         X[s], Y[s] = build_sequences(ws, vocab, length)
     source = BUILTIN_NAME if path is None else str(path)
     return Dataset(vocab, words, length, "words", X, Y, source, seed, sequences=True)

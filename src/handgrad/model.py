@@ -322,7 +322,7 @@ TRAINING = {
                      batch_size=64),
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
-    # the transformer's recipe is a first one, not yet tuned (docs/models.md)
+    # the transformer's recipe is a first one, not yet tuned by measurement
     "transformer": dict(optimizer="adamw", lr=1e-3, schedule="cosine", warmup=200, weight_decay=0.1, steps=5_000,
                         batch_size=64),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
