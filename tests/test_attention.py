@@ -163,14 +163,22 @@ def test_attention_refuses_what_it_cannot_take():
         layer.forward(torch.randn(2, 3, 6))
 
 
-def test_the_fused_form_keeps_its_input_the_heads_and_att_only():
+def test_the_fused_form_keeps_its_input_and_the_heads_only():
     layer = attention(CausalSelfAttention, 8, 2, 6)
     x = randn(3, 6, 8, seed=1)
     with torch.no_grad():
         layer.forward(x)
-    assert set(layer.saved) == {"x", "heads", "att"}
+    assert set(layer.saved) == {"x", "heads"}
     assert layer.saved["x"].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a reference, no copy
     assert layer.saved["heads"].shape == (3, 3 * 2, 6, 4)
-    assert layer.saved["att"].shape == (3 * 2, 6, 6)
+    # the backward's att, recomputed from the heads, is the stepwise form's att to rounding
+    stepwise = CausalSelfAttentionStepwise(8, 2, 6).to(dtype=torch.float64)
+    for name, p in layer.params.items():
+        stepwise.params[name].copy_(p)
+    with torch.no_grad():
+        stepwise.forward(x)
+        att = layer.attention_weights(layer.saved["heads"])
+    assert att.shape == (3 * 2, 6, 6)
+    torch.testing.assert_close(att, stepwise.saved["att"].reshape(6, 6, 6), rtol=0, atol=1e-14)
     # float64: the mask moved with the layer
     assert layer.mask.dtype == torch.float64

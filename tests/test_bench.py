@@ -81,3 +81,27 @@ def test_the_bytes_kept_count_each_storage_once():
     w = torch.zeros(10)
     assert storages([a, a[10:], a.view(10, 10)], exclude=set()) == 400
     assert storages([a, w], exclude={w.untyped_storage().data_ptr()}) == 400
+
+
+def test_the_transformer_times_its_compiled_manual_step_by_default():
+    from handgrad.bench import default_impls
+
+    assert default_impls(64, "cpu", "transformer") == ["autograd", "autograd-compiled", "manual", "manual-replay",
+                                                       "manual-compiled"]
+    assert "manual-compiled" not in default_impls(128, "cpu", "gru")  # a Python loop over positions: not compiled here
+
+
+def test_the_transformer_keeps_at_most_six_tenths_of_autograds_bytes():
+    """The fused transformer recomputes LayerNorm's and GELU's outputs and the attention weights: on a
+    batch of padded names it keeps well under autograd's bytes, dropout masks included."""
+    import torch
+
+    from handgrad.bench import saved_bytes
+    from handgrad.data import make_sequence_dataset
+
+    ds = make_sequence_dataset(None)
+    for dropout in (0.0, 0.2):
+        config = ModelConfig(model="transformer", vocab_size=len(ds.vocab), block_size=ds.block_size, n_embd=16,
+                             n_hidden=64, n_layers=2, n_heads=2, dropout=dropout, sequences=True)
+        kept = saved_bytes(build_model(config, device=torch.device("cpu")), ds.X["train"], ds.Y["train"], 8)
+        assert kept["ratio"] <= 0.6, (dropout, kept)

@@ -93,7 +93,8 @@ def test_a_non_finite_validation_loss_stops_the_run(tmp_path, capsys, monkeypatc
     from handgrad import train as training
 
     evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda model, X, Y: math.nan if len(Y) < 5000 else evaluate(model, X, Y))
+    monkeypatch.setattr(training, "evaluate",
+                        lambda model, X, Y, **kw: math.nan if len(Y) < 5000 else evaluate(model, X, Y, **kw))
     out = tmp_path / "run"
     rc, _, err = run_cli(["train", "-o", out, "--steps", 30, "--eval-every", 10, "-n", "0", "--no-check"], capsys)
     assert_one_line_error(rc, err, "step 0: the validation loss became NaN or infinite")

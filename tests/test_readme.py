@@ -39,6 +39,9 @@ def handgrad_part(segment: str) -> str | None:
     for prefix in ("handgrad ", ".venv/bin/handgrad "):
         if segment.startswith(prefix) or segment == prefix.strip():
             return "handgrad " + segment[len(prefix):]
+    launcher, _, rest = segment.partition(" -m handgrad ")  # torchrun [its flags] -m handgrad ...
+    if rest and launcher.split()[0] in ("torchrun", ".venv/bin/torchrun"):
+        return "handgrad " + rest
     return None
 
 
@@ -127,11 +130,13 @@ def test_extraction_finds_commands_and_skips_synopses():
         "```", "$ handgrad check --data a.txt", "out: handgrad ran", "```",
         "```python", "handgrad = 1", "```",
         "```", "python3 -m venv .venv && .venv/bin/handgrad train", "```",
+        "```", "torchrun --nproc-per-node 2 -m handgrad train --steps 5", "```",
         "| `handgrad train -i b.txt --steps 5` | `handgrad eval -o DIR [-i FILE]` |",
         "Run `handgrad sample -n 3`, or `handgrad check --model M`.",
     ])
     assert shown_commands(text) == [(2, "handgrad check --data a.txt"), (9, "handgrad train"),
-                                    (11, "handgrad train -i b.txt --steps 5"), (12, "handgrad sample -n 3")]
+                                    (12, "handgrad train --steps 5"),
+                                    (14, "handgrad train -i b.txt --steps 5"), (15, "handgrad sample -n 3")]
     assert "data" in input_file_options()
 
 

@@ -45,5 +45,21 @@ def test_heads_belong_to_the_transformer(tmp_path, capsys):
 
     rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "gru", "--n-heads", "2", *QUICK], capsys)
     assert_one_line_error(rc, err, "--n-heads 2: the gru has no attention; it belongs to --model transformer")
-    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "transformer", "--dropout", "0.1", *QUICK], capsys)
-    assert_one_line_error(rc, err, "--dropout 0.1: the transformer has no dropout layers")
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "wavenet", "--dropout", "0.1", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--dropout 0.1: the wavenet has no dropout layers")
+
+
+def test_auto_compiles_a_long_transformer_run_at_its_training_batch():
+    """The transformer's compiled step repays its compile within a few thousand steps, even at the small
+    batches where the seed model's does not (fastpath.worth_compiling); short runs stay replayed."""
+    from handgrad.fastpath import TRANSFORMER_COMPILE_SECONDS, TRANSFORMER_SAVED_PER_EXAMPLE, choose_impl
+
+    assert choose_impl("auto", "manual", 16_000, 64)[0] == "replay"  # the seed model's rule, without the family
+    impl, why = choose_impl("auto", "manual", 16_000, 64, model="transformer")
+    assert impl == "compiled" and "16,000 steps of batch 64" in why
+    break_even = TRANSFORMER_COMPILE_SECONDS / (TRANSFORMER_SAVED_PER_EXAMPLE * 64)
+    assert choose_impl("auto", "manual", int(break_even * 0.9), 64, model="transformer")[0] == "replay"
+    assert choose_impl("auto", "manual", int(break_even * 1.1), 64, model="transformer")[0] == "compiled"
+    # diagnostics and several threads keep their own rules
+    assert choose_impl("auto", "manual", 16_000, 64, diagnostics=True, model="transformer")[0] == "eager"
+    assert choose_impl("auto", "manual", 16_000, 64, threads=2, model="transformer")[0] == "replay"

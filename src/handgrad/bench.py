@@ -14,6 +14,8 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
   optimizer's `step`.
 - `manual-compiled`: `fastpath.CompiledStep`, the same layers and optimizer
   traced and compiled, one step per call; `manual-compiled-xK`: K steps per call.
+  (For the transformer the bench's default; what `handgrad train --impl compiled` runs,
+  its update left outside.)
 - `manual-cudagraph` (GPU): `fastpath.CudaGraphStep`, the eager manual step
   recorded once as a CUDA graph and replayed; `manual-cudagraph-xK`: K steps per replay.
 
@@ -52,9 +54,11 @@ LARGE_BATCH = 1024  # from here a step is mostly arithmetic: the table shows GFL
 def default_impls(batch_size: int | None = None, device: str = "cpu", model: str = "mlp") -> list[str]:
     """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
     CUDA graphs only exist on a GPU. Models other than the seed's: autograd through the model's own
-    layers, eager and compiled, against the manual step eager and replayed."""
+    layers, eager and compiled, against the manual step eager and replayed, and for the transformer
+    compiled too (the recurrent models' step, a Python loop over positions, is not compiled here)."""
     if model != "mlp":
-        return ["autograd", "autograd-compiled", "manual", "manual-replay"]
+        compiled = ["manual-compiled"] if model == "transformer" else []
+        return ["autograd", "autograd-compiled", "manual", "manual-replay", *compiled]
     small = batch_size is None or batch_size < LARGE_BATCH
     impls = ["autograd", "autograd-compiled", "manual", "manual-replay", "manual-compiled"]
     if device == "cuda":

@@ -340,13 +340,15 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
 
 
 class StopAtStepBoundary:
-    """Ctrl-C (SIGINT) during training sets `requested`; the loop reads it between steps, so
+    """Ctrl-C (SIGINT, and in a run of several processes the launcher's SIGTERM, which it sends on
+    Ctrl-C) during training sets `requested`; the loop reads it between steps, so
     the checkpoint it then saves holds whole steps. A second Ctrl-C stops at once (the last
     checkpoint on disk stays whole: every write is atomic)."""
 
-    def __init__(self):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
         self.requested = False
-        self.previous = None
+        self.signals = signals
+        self.previous: dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
         if self.requested:
@@ -355,12 +357,12 @@ class StopAtStepBoundary:
 
     def __enter__(self) -> "StopAtStepBoundary":
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def refuse_existing_run(out_dir: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from . import __version__
 from .allocator import keep_freed_memory
@@ -95,8 +96,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention heads of --model transformer (default: the model's, 4)")
     p.add_argument("--n-layers", type=positive_int, default=None, help="hidden layers, where the model has several (default: the model's)")
     p.add_argument("--dropout", type=dropout_probability, default=None,
-                   help="recurrent models: dropout probability after the embedding and after each recurrent layer, "
-                        "in training only (default: the model's)")
+                   help="transformer and recurrent models: dropout probability after the embedding and after each "
+                        "attention, MLP or recurrent layer, in training only (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="floating-point type of the weights and activations (default float32)")
@@ -113,6 +114,9 @@ class ArgumentParser(argparse.ArgumentParser):
     it names the help of the command it was given to and suggests the nearest flag or choice."""
 
     def error(self, message: str):
+        if int(os.environ.get("RANK", "0") or 0) > 0:  # every rank of a torchrun launch parses the same line:
+            time.sleep(RANK_0_SAYS_S)  # rank 0 says what is wrong with it
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -216,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in -o from its last checkpoint, exactly as if it had not stopped; "
                         "--steps N sets a new total (the learning-rate schedule then spans N steps); other settings are the saved run's")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train in N processes on this machine, each on its share of every batch (--batch-size stays "
+                        "the whole batch), as torchrun --standalone --nproc-per-node N -m handgrad train would (default 1)")
+    p.add_argument("--reduce", choices=["once", "buckets"], default="once",
+                   help="in a run of several processes, sum the gradients once after the backward, or in buckets "
+                        "started as the layers finish (default once, the faster here: docs/parallel.md)")
 
     p = sub.add_parser("sample", help="print items sampled from a saved model")
     p.add_argument("-o", "--out", default="out", help="run folder holding the model (default out)")
@@ -244,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--batch-sizes", type=positive_int_list, default=[32, 8192], metavar="N,N",
-                   help="batch sizes, comma-separated (default 32,8192)")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=None, metavar="N,N",
+                   help="batch sizes, comma-separated (default 32,8192; with --processes, 8192)")
     p.add_argument("--impls", type=name_list, default=None, metavar="NAME,NAME",
                    help="implementations, comma-separated (default autograd,autograd-compiled,manual,"
                         "manual-replay,manual-compiled, and manual-compiled-x32 below batch 1024; "
@@ -254,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=positive_float, default=0.25,
                    help="seconds per implementation per round (default 0.25)")
     p.add_argument("-i", "--data", metavar="FILE", default=None, help="text file to draw batches from (default: built-in names)")
+    p.add_argument("--processes", type=positive_int_list, default=None, metavar="N,N",
+                   help="instead: steps/s of data-parallel training in N processes (gloo, --threads each) against "
+                        "one, the eager step, with the gradients summed once and in buckets; --seconds per "
+                        "measurement (then default 2), --rounds (then default 3)")
     add_exercise_parser(sub)
     return parser
 
@@ -335,7 +349,24 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option` and its value (as `--opt V` or `--opt=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from . import parallel
+    from .checkpoint import CHECKPOINT
     from .train import TrainConfig, resume_config, train
 
     cfg = TrainConfig(
@@ -347,14 +378,23 @@ def cmd_train(args) -> int:
         momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
         device=args.device, threads=args.threads, dtype=args.dtype, num_samples=args.num_samples,
-        save_every=args.save_every, stop_at=args.stop_at,
+        save_every=args.save_every, stop_at=args.stop_at, reduce=args.reduce,
     )
+    if args.nproc > 1:
+        if parallel.launched_world_size() > 1:
+            raise HandgradError("--nproc starts the processes itself; under torchrun, leave it out")
+        return parallel.launch(args.nproc, without_option(args.argv, "--nproc"))
+    if not args.resume and parallel.restarted() and (Path(args.out) / CHECKPOINT).exists():
+        args.resume = True  # the launcher restarted a failed run: continue it from its last checkpoint
+        if parallel.launched_rank() == 0:
+            print(f"restarted by the launcher: resuming the run in {args.out} from its last checkpoint", file=sys.stderr)
     if args.resume:
         given = {"check" if d == "no_check" else d for d in given_options(args.argv)}
         cfg, ckpt = resume_config(args.out, {k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
         train(cfg, resume=ckpt)
     else:
         train(cfg)
+    parallel.leave()
     return 0
 
 
@@ -397,10 +437,32 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, format_table, run_bench
 
-    cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes), impls=args.impls or None, threads=args.threads,
+    if args.processes:
+        return cmd_bench_processes(args)
+    cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes or (32, 8192)), impls=args.impls or None, threads=args.threads,
                       device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data, model=args.model)
     report = run_bench(cfg)
     print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0
+
+
+def cmd_bench_processes(args) -> int:
+    from .parallel_bench import ParallelBenchConfig, format_parallel_table, run_parallel_bench
+
+    if args.device != "cpu":
+        raise HandgradError("bench --processes measures gloo on a CPU; on GPUs, time handgrad train under torchrun")
+    given = given_options(args.argv)
+    reports = []
+    for batch in args.batch_sizes or (8192,):
+        cfg = ParallelBenchConfig(processes=tuple(args.processes), batch_size=batch, model=args.model,
+                                  threads=args.threads, data=args.data,
+                                  rounds=args.rounds if "rounds" in given else 3,
+                                  seconds=args.seconds if "seconds" in given else 2.0)
+        reports.append(run_parallel_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True)))
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+    else:
+        print("\n\n".join(format_parallel_table(r) for r in reports))
     return 0
 
 
@@ -477,6 +539,19 @@ def output_that_outlives_its_reader():
         sys.stdout, sys.stderr = streams
 
 
+RANK_0_SAYS_S = 3.0
+
+
+def said_by_another_rank(error: Exception) -> bool:
+    """In a run of several processes, rank 0 says the errors every rank meets alike (the same settings,
+    data and state); another rank says only its own (parallel.RankError)."""
+    if "handgrad.parallel" not in sys.modules:
+        return False
+    from . import parallel
+
+    return parallel.rank() > 0 and not isinstance(error, parallel.RankError)
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     with output_that_outlives_its_reader():
@@ -486,10 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except HandgradError as e:
+            if said_by_another_rank(e):
+                time.sleep(RANK_0_SAYS_S)  # rank 0 meets the same error: give it time to say it before the launcher
+                return 1  # stops the rest (it stops every rank once one has ended)
             print(f"handgrad: error: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("handgrad: interrupted", file=sys.stderr)
+            if not said_by_another_rank(KeyboardInterrupt()):
+                print("handgrad: interrupted", file=sys.stderr)
             return 130
 
 

@@ -71,7 +71,11 @@ def attention_entropy(model) -> dict[str, float]:
 
     out = {}
     for name, layer in model.net.named_modules():
-        att = layer.saved.get("att") if isinstance(layer, (CausalSelfAttention, CausalSelfAttentionStepwise)) else None
+        if not isinstance(layer, (CausalSelfAttention, CausalSelfAttentionStepwise)):
+            continue
+        att = layer.saved.get("att")  # the stepwise form keeps it; the fused one recomputes it from its heads
+        if att is None and "heads" in layer.saved:
+            att = layer.attention_weights(layer.saved["heads"])
         if att is not None:
             out[name.rstrip(".")] = float(-(att * att.clamp_min(1e-30).log()).sum(-1).mean())
     return out

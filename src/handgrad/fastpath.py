@@ -400,15 +400,26 @@ class CudaGraphStep:
 COMPILE_SECONDS = 15.0
 SAVED_PER_EXAMPLE = 1.05e-6
 BREAK_EVEN_BATCH = 100
+# The transformer's step is many passes over (batch x positions) rows, which compiling fuses: at its
+# training batch of 64 items the bench measured 70.7 compiled steps/s against 38.9 eager (built-in
+# names, 12 positions, one idle CPU core, no dropout), 11.6 ms a step, about
+# TRANSFORMER_SAVED_PER_EXAMPLE seconds per item; in the training loop on names.txt (16 positions,
+# a shared machine) 38-45 compiled steps/s against 21 replayed. Compiling took 35-43 s
+# (TRANSFORMER_COMPILE_SECONDS), in the bench and in the loop (docs/models.md, docs/bench.md).
+TRANSFORMER_SAVED_PER_EXAMPLE = 1.8e-4
+TRANSFORMER_COMPILE_SECONDS = 45.0
 
 
-def worth_compiling(steps: int, batch_size: int) -> bool:
+def worth_compiling(steps: int, batch_size: int, model: str | None = None) -> bool:
+    if model == "transformer":
+        return steps * TRANSFORMER_SAVED_PER_EXAMPLE * batch_size > TRANSFORMER_COMPILE_SECONDS
     return steps * SAVED_PER_EXAMPLE * max(batch_size - BREAK_EVEN_BATCH, 0) > COMPILE_SECONDS
 
 
 def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: bool = False,
-                device: str = "cpu", threads: int = 1) -> tuple[str, str]:
-    """The path `handgrad train` takes, and why: ("eager", "replay", "compiled" or "cudagraph", reason)."""
+                device: str = "cpu", threads: int = 1, model: str | None = None) -> tuple[str, str]:
+    """The path `handgrad train` takes, and why: ("eager", "replay", "compiled" or "cudagraph", reason).
+    `model`: the family, where its compiled step was measured apart (the transformer's); None for the rest."""
     if impl not in IMPLS:
         raise HandgradError(f"unknown --impl {impl!r}: choose one of {', '.join(IMPLS)}")
     if grad != "manual":
@@ -431,8 +442,9 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
     replayed = "the eager step's calls, replayed"
     if threads > 1:  # measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread)
         return "replay", f"auto: with {threads} threads the library's kernels beat the compiled ones; {replayed}"
-    if worth_compiling(steps, batch_size):
-        return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{COMPILE_SECONDS:.0f}s compile"
+    if worth_compiling(steps, batch_size, model):
+        seconds = TRANSFORMER_COMPILE_SECONDS if model == "transformer" else COMPILE_SECONDS
+        return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{seconds:.0f}s compile"
     if batch_size <= BREAK_EVEN_BATCH:
         return "replay", f"auto: at batch {batch_size} a compiled step is no faster in the training loop; {replayed}"
     return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile; {replayed}"

@@ -25,6 +25,7 @@ from .layers import (
     Linear,
     LSTMCell,
     PositionEmbedding,
+    RecomputingSequential,
     Recurrent,
     Residual,
     RNNCell,
@@ -43,8 +44,8 @@ class ModelConfig:
     n_hidden: int = 200
     n_layers: int = 1
     n_heads: int = 4  # attention heads of the transformer
-    # the recurrent models' dropout probability, after the embedding and after each recurrent layer (in
-    # training only); 0: no Dropout layers at all
+    # the transformer's and recurrent models' dropout probability, after the embedding and after each
+    # attention, MLP or recurrent layer (in training only); 0: no Dropout layers at all
     dropout: float = 0.0
     stepwise: bool = False  # stepwise forms (BatchNorm, cross-entropy, ...): every intermediate inspectable
     # a model of whole items (data.make_sequence_dataset): (batch, positions) ids in, a prediction at every
@@ -84,9 +85,10 @@ class Model:
             return logits
         return self.loss_fn.forward(logits, targets)
 
-    def backward(self) -> None:
-        """Accumulate d loss / d parameter into the gradient buffers, for the last forward."""
-        self.net.backward(self.loss_fn.backward())
+    def backward(self, dloss: float = 1.0, after_layer=None) -> None:
+        """Accumulate d loss / d parameter into the gradient buffers, for the last forward (times `dloss`);
+        `after_layer(name)`, where given, is told as each top-level layer's backward is done."""
+        self.net.backward(self.loss_fn.backward(dloss), after_layer)
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Each parameter tensor once, by its first name: a layer used twice, or weights tied between
@@ -272,29 +274,38 @@ def build_transformer(c: ModelConfig) -> Sequential:
     """Token and position embeddings, then n_layers blocks of [x + attention(LayerNorm(x))] and
     [x + MLP(LayerNorm(x))] (the MLP n_embd -> n_hidden -> GELU -> n_embd), a last LayerNorm and the
     output Linear: a prediction at every position, each seeing only the positions before it.
+    With `c.dropout` > 0, a Dropout after the embeddings and at the end of each attention and MLP
+    branch (before the residual adds it), in training only.
     Initialisation: the embeddings at 0.1 of N(0, 1), so the residual stream starts small beside what
     the blocks add; each block's last projection (attention's output, the MLP's second Linear) scaled
     by 1/sqrt(2 n_layers), as the residual stream sums 2 n_layers of them; the output layer by 0.1, so
-    the first predictions are nearly uniform."""
+    the first predictions are nearly uniform.
+    The fused form recomputes LayerNorm's and GELU's outputs in the backward rather than keeping them
+    (`RecomputingSequential`); the stepwise form keeps every intermediate for the check to list."""
     attention = CausalSelfAttentionStepwise if c.stepwise else CausalSelfAttention
     norm = LayerNormStepwise if c.stepwise else LayerNorm
+    chain = Sequential if c.stepwise else RecomputingSequential
+
+    def dropout(name: str) -> list[tuple[str, Dropout]]:
+        return [(name, Dropout(c.dropout))] if c.dropout > 0 else []
+
     embedding, position = Embedding(c.vocab_size, c.n_embd), PositionEmbedding(c.block_size, c.n_embd)
     for layer in (embedding, position):
         next(iter(layer.params.values())).mul_(0.1)
-    layers = [("embedding", embedding), ("position", position)]
+    layers = [("embedding", embedding), ("position", position), *dropout("dropout")]
     depth = (2 * c.n_layers) ** -0.5
     for i in range(1, c.n_layers + 1):
         attn = attention(c.n_embd, c.n_heads, c.block_size)
         attn.params["proj_weight"].mul_(depth)
         proj = Linear(c.n_hidden, c.n_embd)
         proj.params["weight"].mul_(depth)
-        layers.append((f"attn{i}", Residual(Sequential([("ln", norm(c.n_embd)), ("attn", attn)]))))
-        layers.append((f"mlp{i}", Residual(Sequential([("ln", norm(c.n_embd)), ("fc", Linear(c.n_embd, c.n_hidden)),
-                                                       ("gelu", GELU()), ("proj", proj)]))))
+        layers.append((f"attn{i}", Residual(chain([("ln", norm(c.n_embd)), ("attn", attn), *dropout("dropout")]))))
+        layers.append((f"mlp{i}", Residual(chain([("ln", norm(c.n_embd)), ("fc", Linear(c.n_embd, c.n_hidden)),
+                                                  ("gelu", GELU()), ("proj", proj), *dropout("dropout")]))))
     out = Linear(c.n_embd, c.vocab_size)
     out.params["weight"].mul_(0.1)
     layers += [("ln_f", norm(c.n_embd)), ("output", out)]
-    return Sequential(layers)
+    return chain(layers)
 
 
 MODELS = {"mlp": build_mlp, "deep-mlp": build_deep_mlp, "wavenet": build_wavenet, "transformer": build_transformer,
@@ -306,7 +317,7 @@ DEFAULTS = {
     "deep-mlp": dict(block_size=3, n_embd=10, n_hidden=100, n_layers=5),
     "wavenet": dict(block_size=8, n_embd=24, n_hidden=128, n_layers=3),
     # the sequence models' positions come from the data (its longest item and the end token)
-    "transformer": dict(n_embd=64, n_hidden=256, n_layers=4, n_heads=4),
+    "transformer": dict(n_embd=64, n_hidden=256, n_layers=4, n_heads=4, dropout=0.2),
     # the recurrent models' sizes and dropout chosen by the tuning runs in docs/models.md
     "rnn": dict(n_embd=32, n_hidden=256, n_layers=1, dropout=0.2),
     "gru": dict(n_embd=32, n_hidden=128, n_layers=2, dropout=0.25),
@@ -322,8 +333,8 @@ TRAINING = {
                      batch_size=64),
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
-    # the transformer's recipe is a first one, not yet tuned by measurement
-    "transformer": dict(optimizer="adamw", lr=1e-3, schedule="cosine", warmup=200, weight_decay=0.1, steps=5_000,
+    # the transformer's recipe (and its dropout 0.2 in DEFAULTS) from the tuning runs in docs/models.md
+    "transformer": dict(optimizer="adamw", lr=2e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=15_000,
                         batch_size=64),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
                 batch_size=128),

@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, diagnostics, fastpath
+from . import checkpoint, diagnostics, fastpath, parallel
 from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data
 from .divergence import DivergenceWatch
 from .errors import HandgradError
@@ -33,7 +34,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers", "n_heads", "dropout")
 ONLY_FOR = {  # model settings that only some families have: (those families, what the others lack)
     "n_heads": (("transformer",), "attention"),
-    "dropout": (("rnn", "gru", "lstm"), "dropout layers"),
+    "dropout": (("transformer", "rnn", "gru", "lstm"), "dropout layers"),
 }
 OWN_RECIPE = "mlp"  # a model of one's own trains with the seed's recipe where nothing says otherwise
 
@@ -52,7 +53,7 @@ class TrainConfig:
     n_hidden: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None  # the transformer's attention heads
-    dropout: float | None = None  # the recurrent models' dropout probability
+    dropout: float | None = None  # the transformer's and recurrent models' dropout probability
     steps: int | None = None  # None here and below: the model's default (model.TRAINING)
     batch_size: int | None = None
     lr: float | None = None
@@ -72,6 +73,7 @@ class TrainConfig:
     check: bool = True  # gradient check on one batch before the first step
     check_every: int = 0
     device: str = "cpu"
+    reduce: str = "once"  # a run of several processes: sum the gradients once after the backward, or in buckets
     threads: int | None = None  # CPU threads; None: see `cpu_threads`
     dtype: str = "float32"
     num_samples: int = 20
@@ -183,8 +185,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048) -> float:
-    """Mean loss over a whole split, in eval mode (BatchNorm's running statistics).
+def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048, group: parallel.Group | None = None) -> float:
+    """Mean loss over a whole split, in eval mode (BatchNorm's running statistics). With the `group`
+    of a data-parallel run, each rank scores its share of the rows and the sums are summed over the ranks.
 
     Chunks of 2048 rows, through the fused view of the model (its first layer gathers from
     precomputed tables at this size): a 21,141-row split took 53.6 ms as one chunk, 16.4 ms in
@@ -193,12 +196,20 @@ def evaluate(model, X: torch.Tensor, Y: torch.Tensor, chunk: int = 2048) -> floa
     was_training = model.training
     model.eval()
     net = fastpath.fused(model)
+    if group is not None:
+        rows = group.rows(len(Y))
+        X, Y = X[rows], Y[rows]
     try:
         total, counted = 0.0, 0
         for i in range(0, len(Y), chunk):
             n = int((Y[i:i + chunk] != IGNORE).sum())  # the targets the loss counts (sequence data pads)
-            total += float(net.forward(X[i:i + chunk], Y[i:i + chunk])) * n
+            if n:
+                total += float(net.forward(X[i:i + chunk], Y[i:i + chunk])) * n
             counted += n
+        if group is not None:
+            sums = torch.tensor([total, counted], dtype=torch.float64, device=group.device)
+            group.all_reduce_(sums)
+            total, counted = float(sums[0]), int(sums[1])
         return total / max(counted, 1)
     finally:
         model.train(was_training)
@@ -302,7 +313,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
     if cfg.model not in TRAINING:
         raise HandgradError(f"unknown model {cfg.model!r}: choose one of {', '.join(TRAINING)}")
     given, cfg = cfg, cfg.resolved(refuse_idle=resume is None)  # `fit` resolves `given` again, and says what it fills in
-    device = resolve_device(cfg.device)
+    device = parallel.local_device(resolve_device(cfg.device))  # several processes on GPUs: one each
     torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
     step_path(cfg, device, resume)  # a bad --impl refused before anything is loaded or written
     prepare_run_folder(Path(cfg.out), fresh=resume is None)
@@ -320,17 +331,48 @@ def step_path(cfg: TrainConfig, device: torch.device, resume: checkpoint.Checkpo
     saved = resume.meta.get("step_impl") if resume is not None else None
     if cfg.impl == "auto" and saved in fastpath.IMPLS and saved != "auto" and (saved != "cudagraph" or device.type == "cuda"):
         fastpath.choose_impl(saved, cfg.grad, cfg.steps, cfg.batch_size, cfg.diagnostics, device.type,
-                             torch.get_num_threads())  # still possible here
+                             torch.get_num_threads(), cfg.model)  # still possible here
         return saved, "auto: the saved run's path, so that the resumed run continues it bit for bit"
     start = resume.step if resume is not None else 0
     return fastpath.choose_impl(cfg.impl, cfg.grad, cfg.steps - start, cfg.batch_size, cfg.diagnostics, device.type,
-                                torch.get_num_threads())
+                                torch.get_num_threads(), cfg.model)
 
 
-def resume_changes(cfg: TrainConfig, resume: checkpoint.Checkpoint, impl: str) -> list[str]:
+def refuse_for_processes(cfg: TrainConfig, model, world: int, impl: str, why: str, sequences: bool) -> tuple[str, str]:
+    """What a run of several processes cannot do, refused in one line; else its step path: the eager
+    step, or the compiled one where one process would take it (`impl`, `why`) on data whose every
+    target counts. A replayed step would leave out the sums that the ranks exchange."""
+    if cfg.grad != "manual":
+        raise HandgradError(f"--grad {cfg.grad} runs in one process; a run of {world} processes sums the hand-written "
+                            "gradients (--grad manual)")
+    if cfg.impl not in ("auto", "eager", "compiled"):
+        raise HandgradError(f"--impl {cfg.impl} runs in one process; a run of {world} processes takes the eager or "
+                            "the compiled step (--impl eager, compiled or auto)")
+    if cfg.impl == "compiled" and sequences:
+        raise HandgradError(f"--impl compiled: a run of {world} processes compiles only models of fixed contexts "
+                            "(each rank's share of a sequence batch's counted targets changes every step)")
+    if cfg.diagnostics:
+        raise HandgradError(f"--diagnostics measures one process's activations; it runs without torchrun")
+    if cfg.reduce not in parallel.REDUCE_MODES:
+        raise HandgradError(f"--reduce {cfg.reduce}: choose one of {', '.join(parallel.REDUCE_MODES)}")
+    if cfg.batch_size < world:
+        raise HandgradError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs rows")
+    for name, layer in model.net.named_modules():
+        if "running_var" in layer.buffers and not getattr(layer, "syncs_across_ranks", False):
+            raise HandgradError(f"layer {name or 'net'} ({type(layer).__name__}) keeps batch statistics of its own "
+                                f"process's rows; a run of {world} processes needs BatchNorm1d, which shares them")
+    if impl == "compiled" and not sequences:
+        return "compiled", why
+    return "eager", f"a run of {world} processes takes the eager step (the replayed one would miss the ranks' sums)"
+
+
+def resume_changes(cfg: TrainConfig, resume: checkpoint.Checkpoint, impl: str, world: int = 1) -> list[str]:
     """One line for each change that makes a resumed run other arithmetic than the run it continues."""
     saved = resume.meta.get("config") or {}
     said = []
+    saved_world = resume.meta.get("world_size") or 1
+    if saved_world != world:  # the same run, its sums in another order: equal up to rounding
+        said.append(f"{world} process{'es' if world > 1 else ''} where the saved run had {saved_world}")
     steps_saved = resume.meta.get("step_impl")
     if steps_saved not in (None, impl):
         said.append(f"the saved run's steps ran {steps_saved}, these run {impl}")
@@ -362,7 +404,16 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     for a model of one's own). The model's own device, dtype and context length are the run's.
     `resume=True` continues the run saved in the run folder (the same model and data, rebuilt);
     returns run.json's content.
+
+    Started as several processes (`torchrun --nproc-per-node N`, or with torch.distributed already
+    initialised by the caller), each process trains on its share of every batch and the run follows
+    the one-process run (`parallel`); rank 0 alone prints and writes the run folder.
     """
+    with parallel.quiet_unless_rank_0():  # the other ranks of a data-parallel run print nothing
+        return run_fit(model, data, config, resume, settings)
+
+
+def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.Checkpoint, settings: dict) -> dict:
     if not isinstance(model, Model):
         raise HandgradError(f"fit trains a handgrad Model (layers and a loss), got {type(model).__name__}; "
                             "wrap a Sequential as Model(config, net)")
@@ -398,11 +449,16 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     cfg = replace(cfg, threads=torch.get_num_threads())  # recorded as used
     start = resume.step if resume is not None else 0
     impl, why = step_path(cfg, device, resume)
+    world = parallel.world_size()
+    if world > 1:
+        impl, why = refuse_for_processes(cfg, model, world, impl, why, data.sequences)
     if resume is not None:
-        for line in resume_changes(cfg, resume, impl):
+        for line in resume_changes(cfg, resume, impl, world):
             print(line, file=sys.stderr)
     out_dir = Path(cfg.out)
     prepare_run_folder(out_dir, fresh=resume is None)
+    group = parallel.join(device) if world > 1 else None  # every check above is every rank's alike
+    writes = group is None or group.writes
     ds = data
     sizes = ds.sizes()
     rows = "items (whole, padded)" if ds.sequences else "examples"
@@ -416,6 +472,9 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
           + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
           + f"; {cfg.steps:,} steps of batch {cfg.batch_size}")
     print(f"model: {mc.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
+    if group is not None:
+        print(f"processes: {group.world} ({group.backend}), each on its share of every batch of {cfg.batch_size}; "
+              f"gradients summed {'once after the backward' if cfg.reduce == 'once' else 'in buckets during the backward'}")
     require_batch_statistics(model, cfg.batch_size)
     data_meta = {"source": ds.source, "split": ds.split_mode, "seed": ds.seed, "items": len(ds.words),
                  "sha256": checkpoint.data_fingerprint(ds.words)}
@@ -446,12 +505,14 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
                                                   "(--impl eager avoids them)")
             print(f"gradient check of the compiled step's layers ({', '.join(view.net.layers)}): {summary}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_temporaries(out_dir)
     metrics_path = out_dir / checkpoint.METRICS
-    metrics = checkpoint.continue_metrics(metrics_path, start)
+    metrics = []
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(out_dir)
+        metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
-    if impl in fastpath.FAST_IMPLS:
+    if impl in fastpath.FAST_IMPLS and group is None:
         step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr))
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
@@ -467,6 +528,8 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     state = [(f"the weight {n}", p) for n, p in zip(names, optimizer.params)]
     state += [(f"the running statistic {n}", b) for n, b in model.named_buffers() if b.is_floating_point()]
     start_loss = next((r["train_loss"] for r in metrics if r.get("step") == 0 and "train_loss" in r), None)
+    if group is not None:  # rank 0's, which read the metrics: every rank's watch the same
+        start_loss = parallel.from_rank_0(group, start_loss)
     watch = DivergenceWatch(list(zip(names, optimizer.grads)), cfg.lr, left_on_disk, model.grad_buffer, state=state,
                             vocab_size=len(ds.vocab), start_loss=start_loss)
 
@@ -479,13 +542,16 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
         nonlocal last_saved
         watch.check()
         watch.check_state(step)
-        mf.flush()
-        os.fsync(mf.fileno())
-        checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, vocab=ds.vocab, device=device,
-                                   meta={"config": asdict(cfg), "data": data_meta, "elapsed": time.perf_counter() - t0,
-                                         "step_impl": impl, "max_item_len": max_item_len})
+        if writes:
+            mf.flush()
+            os.fsync(mf.fileno())
+            checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, vocab=ds.vocab,
+                                       device=device, meta={"config": asdict(cfg), "data": data_meta,
+                                                            "elapsed": time.perf_counter() - t0, "step_impl": impl,
+                                                            "max_item_len": max_item_len, **processes})
         last_saved = step
 
+    processes = {"world_size": world, "backend": group.backend if group is not None else None}
     progress = Progress(cfg.steps, initial=start)
     if resume is not None:
         resume.restore_rng(device)  # after everything above that seeds or draws
@@ -497,7 +563,19 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     # than each step entering and leaving it (fastpath.in_inference_mode)
     manual_eager = cfg.grad == "manual" and impl in ("eager", "replay")  # the layers' own calls, one by one
     loop_mode = torch.inference_mode() if manual_eager else contextlib.nullcontext()
-    with checkpoint.StopAtStepBoundary() as stop, open(metrics_path, "a", encoding="utf-8") as mf, gc_frozen(), loop_mode:
+    if group is not None:  # this rank's rows of every batch, and the sums over the ranks
+        ranks = parallel.DataParallel(group, model, optimizer, cfg.batch_size, impl, cfg.reduce,
+                                      IGNORE if ds.sequences else None)
+    voted_stop = False
+
+    def stopping() -> bool:
+        """Ctrl-C seen: in one process, as it comes (between steps); in several, as the ranks voted in the step."""
+        return stop.requested if group is None else voted_stop
+
+    stops_on = (signal.SIGINT, signal.SIGTERM) if group is not None else (signal.SIGINT,)  # torchrun: SIGTERM
+    metrics_file = metrics_path if writes else os.devnull
+    with (checkpoint.StopAtStepBoundary(stops_on) as stop, open(metrics_file, "a", encoding="utf-8") as mf,
+          gc_frozen(), loop_mode):
         if resume is None:  # the untrained state, so that a run that diverges early still leaves one to resume
             save(0)
         for step in range(start, cfg.steps):
@@ -506,13 +584,16 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
             if idx.device != device:
                 idx = idx.to(device)
             x, y = Xtrain.index_select(0, idx), Ytrain.index_select(0, idx)
-            if cfg.check_every and step % cfg.check_every == 0:
+            if cfg.check_every and step % cfg.check_every == 0:  # the whole batch, on every rank alike
                 with torch.inference_mode(False):  # autograd's reference needs a batch it can save for its backward
                     results = check_model(model, x.clone(), y.clone(), grads=optimizer.grads)
                 if not passed(results):
                     bad = [r.name for r in results if not r.close]
                     raise HandgradError(f"step {step}: manual gradients disagree with autograd for {', '.join(bad)}")
-            loss = step_fn(model, x, y)
+            if group is None:
+                loss = step_fn(model, x, y)
+            else:
+                loss, voted_stop = ranks.step(x, y, stop.requested)
             watch.observe(step, loss)
             last = step == cfg.steps - 1
             log = step % cfg.log_every == 0 or last
@@ -525,8 +606,10 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
                 if evaluate_now and cfg.diagnostics:  # before evaluate, which drops the batch's activations
                     rec.update(diagnostics.measure(model))
                 if evaluate_now:
-                    rec["val_loss"] = evaluate(model, X["val"], Y["val"])
+                    rec["val_loss"] = evaluate(model, X["val"], Y["val"], group=group)
                     watch.check_value(step, "validation loss", rec["val_loss"])
+                    if group is not None:
+                        ranks.check_same_state(step)
                 rec["elapsed"] = time.perf_counter() - t0
                 mf.write(json.dumps(rec) + "\n")
                 metrics.append(rec)
@@ -537,14 +620,14 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
             # reading the loss syncs with the device: only every 50 steps, and only for the bar
             progress.update(1, float(loss) if progress.bar is not None and step % 50 == 0 else None)
             done = step + 1
-            if stop.requested or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or done == cfg.stop_at:
+            if stopping() or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or done == cfg.stop_at:
                 save(done)
             if done == cfg.stop_at and done < cfg.steps:
                 progress.close()
                 print(f"stopped as asked after step {done:,} of {cfg.steps:,}; the state is saved in {out_dir}/; "
                       f"continue with: handgrad train -o {out_dir} --resume")
                 return {"stopped_at": done}
-            if stop.requested:
+            if stopping():
                 progress.close()
                 print(f"interrupted: saved the state after step {done:,} to {out_dir}/; "
                       f"continue with: handgrad train -o {out_dir} --resume", file=sys.stderr)
@@ -553,11 +636,13 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
     progress.close()
     elapsed = time.perf_counter() - t0
 
-    final = {s: evaluate(model, X[s], Y[s]) for s in SPLITS}
+    final = {s: evaluate(model, X[s], Y[s], group=group) for s in SPLITS}
     for s in SPLITS:
         watch.check_value(cfg.steps, f"final {s} loss", final[s])
     print(f"final loss (eval mode): train {final['train']:.4f} | val {final['val']:.4f} | test {final['test']:.4f} "
           f"({cfg.steps:,} steps in {elapsed:.1f}s, {cfg.steps / max(elapsed, 1e-9):,.0f} steps/s)")
+    if not writes:
+        return {"final": final}
     samples = generate(model, ds.vocab, cfg.num_samples, seed=cfg.seed, device=device, max_len=max_item_len)
     print("samples:")
     for s in samples:
@@ -573,6 +658,7 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
         "steps_per_s": cfg.steps / max(elapsed, 1e-9),
         "impl": "eager" if getattr(getattr(step_fn, "replayed", None), "fallback", None) else impl,
         "elapsed": elapsed,
+        **processes,
         "torch": torch.__version__,
     }
     checkpoint.atomic_write_json(out_dir / "run.json", run)
@@ -587,7 +673,7 @@ def fit(model, data, config: TrainConfig | None = None, *, resume: bool | checkp
 # What a resumed run may change: how long it runs, where, what it logs, and the learning rate
 # (to get past a divergence). Anything else would make it a different run than the one saved.
 RESUME_CAN_CHANGE = ("steps", "lr", "out", "data", "device", "threads", "num_samples", "save_every", "eval_every",
-                     "log_every", "check", "check_every", "impl", "stop_at")
+                     "log_every", "check", "check_every", "impl", "stop_at", "reduce")
 
 
 def flag_name(setting: str) -> str:

@@ -31,11 +31,12 @@ class CausalSelfAttention(Module):
     """Causal multi-head self-attention, fused: batched matrix products over (batch x heads), the
     softmax's backward in closed form.
 
-    Keeps from the forward: the input (a reference to the tensor it was given), the heads' q, k and v
-    (one tensor, (3, B*H, T, D)) and the attention weights att (B*H, T, T). Not kept, since one
-    batched product recomputes it in the backward: y = att v, the merged heads the output projection
-    read (B*T, C). Not kept at all: the scores and masked scores (the softmax's backward needs only
-    att).
+    Keeps from the forward: the input (a reference to the tensor it was given) and the heads' q, k
+    and v (one tensor, (3, B*H, T, D)). Not kept, since the backward recomputes them from q, k and v
+    with the forward's own kernels (bit for bit the forward's values): the attention weights att
+    (B*H, T, T; one batched product and a softmax) and y = att v, the merged heads the output
+    projection read (B*T, C; one more product). The scores are never kept: the softmax's backward
+    needs only att.
 
     Parameters: qkv_weight (C, 3C) and qkv_bias (3C), whose columns are q's, then k's, then v's, each
     head's D columns in turn; proj_weight (C, C) and proj_bias (C). `block_size` is the longest
@@ -81,25 +82,31 @@ class CausalSelfAttention(Module):
         qkv = self.project(x2, "qkv_weight", "qkv_bias")  # (B*T, 3C)
         # one copy into head-major order: q, k, v each (B*H, T, D), contiguous for the batched products
         heads = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, D)
-        q, k, v = heads[0], heads[1], heads[2]
-        # scores = q k^T / sqrt(D) + mask, in one batched product that adds the (T, T) mask to every matrix
-        scores = torch.baddbmm(self.mask[:T, :T], q, k.transpose(1, 2), alpha=self.scale)
-        # the softmax over keys, written over the scores unless autograd is recording this forward
-        att = torch.softmax(scores, -1, out=None if torch.is_grad_enabled() else scores)
-        y = torch.bmm(att, v)  # (B*H, T, D)
+        att = self.attention_weights(heads)
+        y = torch.bmm(att, heads[2])  # att v, (B*H, T, D)
         merged = y.view(B, H, T, D).transpose(1, 2).reshape(B * T, C)
-        self.saved["x"], self.saved["heads"], self.saved["att"] = x2, heads, att
+        self.saved["x"], self.saved["heads"] = x2, heads
         return self.project(merged, "proj_weight", "proj_bias").view(B, T, C)
+
+    def attention_weights(self, heads):
+        """att = softmax(q k^T / sqrt(D) + mask) over keys, (B*H, T, T), from the heads (3, B*H, T, D)."""
+        q, k = heads[0], heads[1]
+        T = q.shape[1]
+        # one batched product that also adds the (T, T) mask to every matrix
+        scores = torch.baddbmm(self.mask[:T, :T], q, k.transpose(1, 2), alpha=self.scale)
+        # written over the scores unless autograd is recording this forward
+        return torch.softmax(scores, -1, out=None if torch.is_grad_enabled() else scores)
 
     # out = merged Wo + bo,  y = att v,  att = softmax(q k^T / sqrt(D) + mask),  q k v = x Wqkv + bqkv:
     # d masked = att * (d att - sum_s(d att * att))  (the softmax's Jacobian, 0 wherever att is 0);
     # dq = d scores k / sqrt(D),  dk = d scores^T q / sqrt(D),  dv = att^T dy,  d att = dy v^T
     def backward(self, dout):
-        x2, heads, att = self.saved["x"], self.saved["heads"], self.saved["att"]
+        x2, heads = self.saved["x"], self.saved["heads"]
         B, T, C = dout.shape
         H, D = self.n_head, self.head_dim
         q, k, v = heads[0], heads[1], heads[2]
         dout2 = dout.reshape(B * T, C)
+        att = self.attention_weights(heads)  # recomputed, as the forward computed them
         merged = torch.bmm(att, v).view(B, H, T, D).transpose(1, 2).reshape(B * T, C)  # recomputed: one product
         self.accumulate(dout2, merged, "proj_weight", "proj_bias")
         dmerged = F.linear(dout2, self.params["proj_weight"])  # dout Wo^T

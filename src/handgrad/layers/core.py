@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from ..errors import HandgradError
 
 
@@ -427,11 +428,15 @@ class Sequential(Module):
                 outputs[name] = x
         return x
 
-    def backward(self, dout):
+    def backward(self, dout, after_layer=None):
+        """`after_layer(name)`, where given, is told as each layer's backward is done (a data-parallel
+        run starts summing the gradients that layer completed)."""
         output_grads = self.saved_grads
         for name, (layer, frame) in zip(reversed(self.layers), reversed(self.saved["tape"])):
             output_grads[name] = dout
             dout = backward_on_tape(layer, frame, dout)
+            if after_layer is not None:
+                after_layer(name)
         return dout
 
     def named_intermediates(self, prefix: str = ""):
@@ -566,7 +571,8 @@ class GELU(Module):
 class Dropout(Module):
     """In training, each entry kept with probability 1 - p and scaled by 1 / (1 - p) (the mask drawn from
     torch's default generator, kept for the backward), else zeroed; in eval (or with p = 0), the identity.
-    A replayed step (`fastpath.ReplayStep`) records the draw and draws anew on every replay."""
+    A replayed step (`fastpath.ReplayStep`) records the draw and draws anew on every replay. In a
+    data-parallel step, each rank draws the whole batch's mask and keeps its own rows."""
 
     def __init__(self, p: float = 0.1):
         super().__init__()
@@ -578,7 +584,12 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self.saved.pop("mask", None)  # no mask: this call's backward is the identity too
             return x
-        mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)  # 0 or 1 / (1 - p)
+        shard = parallel.active()
+        if shard is None:
+            mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)  # 0 or 1 / (1 - p)
+        else:  # this rank's rows of the whole batch's mask: the very draws of one process
+            whole = x.new_empty(shard.whole_batch_shape(x)).bernoulli_(1 - self.p).div_(1 - self.p)
+            mask = shard.own_rows(whole)
         self.saved["mask"] = mask
         return x * mask
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import parallel
 from ..errors import HandgradError
 from .core import Module
 
@@ -13,8 +14,12 @@ class BatchNorm1d(Module):
     Training: batch mean and biased variance (+ eps); running statistics are
     updated with `momentum` (0.01, as the seed notebook). Eval: the running
     statistics. The running variance is the biased one, the same quantity the
-    training forward divides by, so eval is consistent with training.
+    training forward divides by, so eval is consistent with training. In a
+    data-parallel step (`parallel.active()`), the statistics are the whole
+    batch's, over every rank's rows.
     """
+
+    syncs_across_ranks = True  # its batch statistics are the whole batch's in a data-parallel step
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.01):
         super().__init__()
@@ -54,6 +59,9 @@ class BatchNorm1d(Module):
         torch._foreach_lerp_([self.buffers["running_mean"], self.buffers["running_var"]], [mean, var], self.momentum)
 
     def forward(self, x):
+        shard = parallel.active() if self.training else None
+        if shard is not None:
+            return self.forward_sharded(x, shard)
         if self.training and x.ndim == 2 and not torch.compiler.is_compiling():
             # (batch, channels), eager: torch's batch-norm kernel without affine or running statistics
             # gives xhat, the batch mean and rstd = 1 / sqrt(biased var + eps) in one call (two passes
@@ -75,6 +83,24 @@ class BatchNorm1d(Module):
             rstd = (var + self.eps).rsqrt_()
             xhat = xc * rstd
         self.saved["xhat"], self.saved["rstd"] = xhat, rstd
+        self.saved.pop("shard", None)
+        return torch.addcmul(self.params["bias"], xhat, self.params["weight"])
+
+    def forward_sharded(self, x, shard):
+        """Training on this rank's rows of a batch split over the ranks: the whole batch's mean and
+        variance from one sum over the ranks (each sum costs its latency), of x - c and (x - c)^2 with c
+        the running mean, the same on every rank and near the batch's: var = mean((x - c)^2) - (mean - c)^2
+        without the cancellation that c = 0 would risk."""
+        dims, n = self.reduce_dims(x), shard.global_count(x)
+        xs = x - self.buffers["running_mean"]
+        sums = shard.summed(torch.stack([xs.sum(dims), (xs * xs).sum(dims)])).div_(n)
+        shift, var = sums[0], (sums[1] - sums[0] * sums[0]).clamp_(min=0)
+        mean = shift + self.buffers["running_mean"]
+        self.update_running_stats(mean, var)
+        rstd = (var + self.eps).rsqrt_()
+        xc = xs.sub_(shift)
+        xhat = xc * rstd
+        self.saved["xhat"], self.saved["rstd"], self.saved["shard"] = xhat, rstd, shard
         return torch.addcmul(self.params["bias"], xhat, self.params["weight"])
 
     # xhat = (x - mean) * rstd over N rows:  dx = gamma * rstd / N * (N dy - sum(dy) - xhat * sum(dy * xhat))
@@ -88,6 +114,11 @@ class BatchNorm1d(Module):
         scale = self.params["weight"] * rstd  # gamma * rstd
         if not self.training:  # running statistics are constants
             return dout * scale
+        shard = self.saved.get("shard")
+        if shard is not None:  # the sums over the whole batch's N rows (this rank's parts go to the weights)
+            sums = shard.summed(torch.stack([dout_sum, dout_xhat_sum]))
+            dout_sum, dout_xhat_sum, n = sums[0], sums[1], shard.global_count(dout)
+            return torch.addcmul(dout, xhat, dout_xhat_sum, value=-1 / n).add_(dout_sum, alpha=-1 / n).mul_(scale)
         n = dout.numel() // dout.shape[-1]
         # dx = scale * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N), in three passes
         return torch.addcmul(dout, xhat, dout_xhat_sum, value=-1 / n).add_(dout_sum, alpha=-1 / n).mul_(scale)
@@ -99,6 +130,7 @@ class BatchNorm1dStepwise(BatchNorm1d):
     """
 
     inspectable = ("bnmean", "bndiff", "bndiff2", "bnvar", "bnstd", "bnraw")
+    syncs_across_ranks = False  # a teaching form: its statistics are this process's rows only
 
     def forward(self, x):
         if not self.training:

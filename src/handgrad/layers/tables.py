@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import parallel
 from .core import Embedding, Linear, Module, Tanh
 from .norm import BatchNorm1d
 
@@ -101,6 +102,11 @@ class EmbeddingLinearBatchNormTanh(Module):
     xhat[b] = sum_t R_t[x[b,t]] with R_t = Q_t * rstd, one gather per row. The backward likewise
     works on per-table sums: one pass over the batch sums dy = dout (1 - h^2) by the id at each
     position, and the rest is table-sized. Elsewhere (eval, small batches) the layers run in turn.
+
+    In a data-parallel step (`parallel.active()`), the statistics are the whole batch's: the counts
+    n_t and n_tu are summed over the ranks for the mean and variance, and so are sum(dy) and
+    sum(dy xhat) in the backward; each rank's table gradients stay its own rows' (summed with the
+    other gradients after the backward).
     """
 
     def __init__(self, embedding: "Embedding", linear: "Linear", batchnorm: "BatchNorm1d", tanh: "Tanh"):
@@ -127,25 +133,32 @@ class EmbeddingLinearBatchNormTanh(Module):
         gamma, beta = self.params["batchnorm.weight"], self.params["batchnorm.bias"]
         (V, E), (N, T), H = C.shape, idx.shape, W.shape[1]
         self.saved.clear()  # the backward takes the route of the last forward
-        if not self.batchnorm.training or N <= self.first.fold_above * V or W.shape[0] != T * E:
+        shard = parallel.active() if self.batchnorm.training else None
+        whole = N if shard is None else shard.total  # the batch's rows, over every rank: every rank takes one route
+        if not self.batchnorm.training or whole <= self.first.fold_above * V or W.shape[0] != T * E:
             return self.tanh.forward(self.batchnorm.forward(self.first.forward(idx)))
         tables = self.first.tables(T)
         ones = C.new_ones(N)
         counts = torch.stack([C.new_zeros(V).index_add_(0, idx[:, t], ones) for t in range(T)])  # n_t[v]
         pairs = [C.new_zeros(V * V).index_add_(0, idx[:, t] * V + idx[:, u], ones).view(V, V)  # n_tu[v, w]
                  for t, u in self.position_pairs(T)]
-        m = torch.bmm(counts.unsqueeze(1), tables).squeeze(1) / N  # (T, H): position t's share of the mean
+        counts_all, pairs_all = counts, pairs  # the whole batch's counts, which the statistics take
+        if shard is not None:
+            summed = shard.summed(torch.cat([counts.reshape(-1), *(n.reshape(-1) for n in pairs)]))
+            counts_all = summed[:T * V].view(T, V)
+            pairs_all = [summed[T * V + k * V * V:T * V + (k + 1) * V * V].view(V, V) for k in range(len(pairs))]
+        m = torch.bmm(counts_all.unsqueeze(1), tables).squeeze(1) / whole  # (T, H): position t's share of the mean
         Q = tables - m.unsqueeze(1)  # hpre[b] - mean = sum_t Q_t[x[b,t]]
-        var = (counts.unsqueeze(-1) * Q * Q).sum((0, 1))  # N * mean of (sum_t Q_t[x[b,t]])^2: squares ...
-        for (t, u), n_tu in zip(self.position_pairs(T), pairs):
+        var = (counts_all.unsqueeze(-1) * Q * Q).sum((0, 1))  # N * mean of (sum_t Q_t[x[b,t]])^2: squares ...
+        for (t, u), n_tu in zip(self.position_pairs(T), pairs_all):
             var = var + 2 * (Q[t] * (n_tu @ Q[u])).sum(0)  # ... and cross terms
-        var = (var / N).clamp_(min=0)  # a sum of squares: rounding must not take it below zero
+        var = (var / whole).clamp_(min=0)  # a sum of squares: rounding must not take it below zero
         self.batchnorm.update_running_stats(m.sum(0) if bias is None else m.sum(0) + bias, var)
         rstd = (var + self.batchnorm.eps).rsqrt()
         R = Q * rstd  # xhat[b] = sum_t R_t[x[b,t]]
         rows = self.first.stacked_rows(idx, V)
         out = F.embedding_bag(rows, (R * gamma).view(T * V, H), mode="sum").add_(beta)
-        self.saved.update(idx=idx, counts=counts, R=R, rstd=rstd)
+        self.saved.update(idx=idx, counts=counts, R=R, rstd=rstd, shard=shard)  # this rank's own counts
         self.saved.update({f"pairs{k}": n for k, n in enumerate(pairs)})
         return self.tanh.forward(out)
 
@@ -162,6 +175,9 @@ class EmbeddingLinearBatchNormTanh(Module):
         dy_sum = A[0].sum(0)  # every row sits in exactly one of position 0's sums
         dy_xhat_sum = (A * R).sum((0, 1))  # sum_b dy[b] xhat[b] = sum_t sum_v A_t[v] R_t[v]
         torch._foreach_add_([self.grads["batchnorm.weight"], self.grads["batchnorm.bias"]], [dy_xhat_sum, dy_sum])
+        if s["shard"] is not None:  # the whole batch's sums and rows, in the statistics' terms below
+            sums = s["shard"].summed(torch.stack([dy_sum, dy_xhat_sum]))
+            dy_sum, dy_xhat_sum, N = sums[0], sums[1], s["shard"].total
         X = [counts[t].unsqueeze(-1) * R[t] for t in range(T)]
         for k, (t, u) in enumerate(self.position_pairs(T)):
             X[t] = X[t] + s[f"pairs{k}"] @ R[u]

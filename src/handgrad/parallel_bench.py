@@ -1,0 +1,158 @@
+"""`handgrad bench --processes 1,2`: training steps per second of a data-parallel run against one process.
+
+Each measurement starts its processes afresh (gloo over local TCP, one thread each unless told), builds
+the model family's default model and optimizer, draws batches as `handgrad train` does, warms up (the
+compiled step compiles there), and times whole steps (forward, backward, the gradients' sum over the
+ranks, the update) between two barriers. One process runs the same step, eager or compiled, without
+any communication. The configurations take turns, round after round, and each reports its median round.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import HandgradError
+
+
+@dataclass
+class ParallelBenchConfig:
+    processes: tuple[int, ...] = (1, 2)
+    batch_size: int = 8192
+    model: str = "mlp"
+    reduces: tuple[str, ...] = ("once", "buckets")
+    steps: tuple[str, ...] = ("eager", "compiled")  # the step paths, each in every process count
+    threads: int = 1
+    rounds: int = 3
+    seconds: float = 2.0
+    data: str | None = None
+    seed: int = 42
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, port: int, cfg: ParallelBenchConfig, reduce: str, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from . import parallel
+    from .fastpath import CompiledStep, manual_step
+    from .model import build_model
+    from .optim import make_optimizer
+    from .train import TrainConfig
+
+    torch.set_num_threads(cfg.threads)
+    group = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        group = parallel.Group(rank, world, "gloo")
+    tc = TrainConfig(model=cfg.model, data=cfg.data, seed=cfg.seed).resolved()
+    ds = tc.dataset()
+    model = build_model(tc.model_config(len(ds.vocab), ds.block_size), seed=cfg.seed)
+    optimizer = make_optimizer(tc.optimizer, model, lr=tc.lr * 0.01, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    X, Y = ds.X["train"], ds.Y["train"]
+    torch.manual_seed(cfg.seed)
+    reducer = parallel.GradientReducer(model, group, reduce) if group is not None else None
+    mine = group.rows(cfg.batch_size) if group is not None else slice(None)
+    shard = parallel.Shard(group, mine, cfg.batch_size) if group is not None else None
+    share = (mine.stop - mine.start) / cfg.batch_size if group is not None else 1.0
+    if path == "compiled":
+        compiled = (CompiledStep(model) if group is None else parallel.ShardedCompiledStep(model, shard, share, reducer))
+
+    def step() -> None:
+        idx = torch.randint(0, len(Y), (cfg.batch_size,))
+        x, y = X.index_select(0, idx), Y.index_select(0, idx)
+        if group is None and path == "eager":
+            manual_step(model, x, y)
+        elif group is None:
+            compiled(x, y, None)
+        elif path == "eager":
+            parallel.sharded_step(model, x[mine], y[mine], shard, share, reducer, 0.0)
+        else:
+            compiled(x[mine], y[mine], 0.0)
+        optimizer.step()
+
+    def barrier() -> None:
+        if group is not None:
+            dist.barrier()
+
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up
+            step()
+        barrier()
+        t0 = time.perf_counter()
+        n = 0
+        while True:  # every rank runs as many steps as rank 0 decides
+            for _ in range(5):
+                step()
+            n += 5
+            go = torch.tensor([float(time.perf_counter() - t0 < cfg.seconds)])
+            if group is not None:
+                dist.broadcast(go, 0)
+            if not go.item():
+                break
+        barrier()
+        elapsed = time.perf_counter() - t0
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(repr(n / elapsed))
+    if group is not None:
+        dist.destroy_process_group()
+
+
+def measure(world: int, cfg: ParallelBenchConfig, reduce: str, path: str) -> float:
+    """Steps per second of one fresh run of `world` processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rate")
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+        mp.start_processes(worker, args=(world, free_port(), cfg, reduce, path, out), nprocs=world, start_method="spawn")
+        with open(out) as f:
+            return float(f.read())
+
+
+def run_parallel_bench(cfg: ParallelBenchConfig, log=print) -> dict:
+    if cfg.batch_size < max(cfg.processes):
+        raise HandgradError(f"--batch-sizes {cfg.batch_size} is smaller than {max(cfg.processes)} processes")
+    if (os.cpu_count() or 1) < max(cfg.processes) * cfg.threads:
+        log(f"note: {max(cfg.processes)} processes of {cfg.threads} thread(s) on {os.cpu_count()} cores: they share cores")
+    from .model import SEQUENCE_MODELS
+
+    # several processes compile only models of fixed contexts (train.refuse_for_processes); the compiled
+    # step sums the gradients once after its graph: no buckets
+    paths = [p for p in cfg.steps if p == "eager" or cfg.model not in SEQUENCE_MODELS]
+    configs = [(path, n, "none" if n == 1 else r) for path in paths for n in cfg.processes
+               for r in (("none",) if n == 1 else cfg.reduces if path == "eager" else ("once",))]
+    rates: dict[tuple[str, int, str], list[float]] = {c: [] for c in configs}
+    for k in range(cfg.rounds):
+        for path, n, reduce in configs:
+            rates[(path, n, reduce)].append(measure(n, cfg, "once" if reduce == "none" else reduce, path))
+            log(f"round {k + 1}/{cfg.rounds}: {path}, {n} process{'es' if n > 1 else ''}"
+                f"{'' if reduce == 'none' else ', ' + reduce}: {rates[(path, n, reduce)][-1]:.2f} steps/s")
+    results = []
+    for (path, n, reduce), r in rates.items():
+        med = statistics.median(r)
+        base = statistics.median(rates[(path, 1, "none")]) if (path, 1, "none") in rates else None
+        results.append({"step": path, "processes": n, "reduce": reduce, "steps_per_s": med, "rounds": r,
+                        "vs_1_process": med / base if base else None})
+    return {"config": asdict(cfg), "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
+
+
+def format_parallel_table(report: dict) -> str:
+    c = report["config"]
+    lines = [f"{c['model']}, batch {c['batch_size']}, {c['threads']} thread(s) per process; median of "
+             f"{c['rounds']} rounds; vs 1: against one process on the same step",
+             f"{'step':<9} {'processes':>9}  {'reduce':<8} {'steps/s':>9} {'vs 1':>6}"]
+    for r in report["results"]:
+        ratio = f"{r['vs_1_process']:.2f}x" if r["vs_1_process"] else "-"
+        lines.append(f"{r['step']:<9} {r['processes']:>9}  {r['reduce']:<8} {r['steps_per_s']:>9.2f} {ratio:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""What the ranks of the data-parallel tests run (started by torch.multiprocessing, gloo over local TCP).
+
+Each scenario runs on every rank and rank 0 saves what the test compares (torch.save to `out`)."""
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(scenario, world: int, *args) -> None:
+    """`scenario(rank, world, *args)` on `world` fresh processes joined by gloo."""
+    mp.start_processes(entry, args=(world, free_port(), scenario, args), nprocs=world, start_method="spawn")
+
+
+def entry(rank: int, world: int, port: int, scenario, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        scenario(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def model_and_data(name: str, dtype: torch.dtype, seed: int = 3, **sizes):
+    from handgrad.model import SEQUENCE_MODELS, build_model
+    from handgrad.train import TrainConfig
+
+    tc = TrainConfig(model=name, data=sizes.pop("data"), split="words" if name in SEQUENCE_MODELS else "examples",
+                     **sizes).resolved()
+    ds = tc.dataset()
+    return build_model(tc.model_config(len(ds.vocab), ds.block_size), seed=seed, dtype=dtype), ds
+
+
+def fit_models(rank: int, world: int, runs: list[dict], folder: str, out: str) -> None:
+    """`fit` each run in `runs` (a model family, its sizes and settings) on every rank; rank 0's run
+    folders are under `folder`, named by their index."""
+    from handgrad import fit
+
+    finals = []
+    for k, run in enumerate(runs):
+        run = dict(run)
+        dtype = run.pop("dtype", torch.float32)
+        model, ds = model_and_data(run.pop("model"), dtype, data=run.pop("data"), **run.pop("sizes", {}))
+        finals.append(fit(model, ds, out=f"{folder}/{k}", **run).get("final"))
+    if rank == 0:
+        torch.save(finals, out)
+
+
+def sharded_gradients(rank: int, world: int, name: str, data: str, out: str) -> None:
+    """One data-parallel step's gradients (float64) on each rank's rows of one batch, and the BatchNorm
+    running statistics after it, as rank 0 holds them and as every rank does."""
+    from handgrad import parallel
+
+    torch.manual_seed(0)
+    model, ds = model_and_data(name, torch.float64, data=data)
+    for _, p in model.named_parameters():  # parameters away from their initial values (unit gains, zero biases)
+        p.add_(torch.randn_like(p) * 0.1)
+    group = parallel.join(torch.device("cpu"))
+    idx = torch.randint(0, len(ds.Y["train"]), (37,))  # not a multiple of the ranks: unequal shares
+    x, y = ds.X["train"][idx], ds.Y["train"][idx]
+    mine = group.rows(len(idx))
+    shard = parallel.Shard(group, mine, len(idx))
+    grads, buckets, losses = {}, {}, {}
+    start = [b.clone() for _, b in model.named_buffers()]  # each mode's step from the same running statistics
+    for mode, bucket_bytes in (("once", None), ("buckets", 256)):
+        for (_, b), b0 in zip(model.named_buffers(), start):
+            b.copy_(b0)
+        reducer = parallel.GradientReducer(model, group, mode, bucket_bytes=bucket_bytes)
+        loss, _ = parallel.sharded_step(model, x[mine], y[mine], shard, (mine.stop - mine.start) / len(idx), reducer, 0.0)
+        grads[mode] = [g.clone() for g in model.grads()]
+        buckets[mode], losses[mode] = len(reducer.ready_after), float(loss)
+    stats = torch.cat([b.reshape(-1) for _, b in model.named_buffers()])
+    every = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(every, stats)
+    if rank == 0:
+        torch.save({"idx": idx, "grads": grads, "buckets": buckets, "loss": losses, "stats": every}, out)
+
+
+def compiled_table_gradients(rank: int, world: int, data: str, out: str) -> None:
+    """The compiled step's gradients (float64) on each rank's rows of a batch large enough for the fused
+    table layer (its counts summed over the ranks), after the gradients' sum."""
+    import os
+
+    from handgrad import parallel
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{os.path.dirname(out)}/compiled-{rank}"  # a fresh compile, each rank its own
+    torch.manual_seed(0)
+    model, ds = model_and_data("mlp", torch.float64, data=data)
+    for _, p in model.named_parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    group = parallel.join(torch.device("cpu"))
+    idx = torch.randint(0, len(ds.Y["train"]), (601,))
+    mine = group.rows(len(idx))
+    step = parallel.ShardedCompiledStep(model, parallel.Shard(group, mine, len(idx)), (mine.stop - mine.start) / len(idx),
+                                        parallel.GradientReducer(model, group), options={"cpp_wrapper": False})
+    loss, _ = step(ds.X["train"][idx][mine], ds.Y["train"][idx][mine], 0.0)
+    if rank == 0:
+        torch.save({"idx": idx, "loss": float(loss), "grads": [g.clone() for g in model.grads()],
+                    "route": type(next(iter(step.view.net.layers.values()))).__name__}, out)
+
+
+def diverging_ranks(rank: int, world: int, data: str, folder: str, out: str) -> None:
+    """Rank 1's update adds a little to one weight at one step: the next evaluation must stop the run."""
+    from handgrad import fit, optim
+
+    if rank == 1:
+        update = optim.SGD.update
+
+        def update_then_drift(self, lr):
+            update(self, lr)
+            if self.step_count == 7:
+                self.params[0].view(-1)[0] += 1e-6
+
+        optim.SGD.update = update_then_drift
+    model, ds = model_and_data("mlp", torch.float32, data=data)
+    try:
+        fit(model, ds, out=folder, steps=40, eval_every=10, log_every=10, check=False, num_samples=0)
+        message = None
+    except Exception as e:  # the run must stop with HandgradError on every rank
+        message = f"{type(e).__name__}: {e}"
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    if rank == 0:
+        torch.save(messages, out)
