@@ -172,3 +172,17 @@ def test_batch_statistics_of_one_process_only_are_refused(tmp_path, names_txt, m
     model.to()
     with pytest.raises(HandgradError, match="BatchNorm1dStepwise.*keeps batch statistics of its own process's rows"):
         fit(model, ds, out=str(tmp_path / "r"), steps=10)
+
+
+def test_the_processes_bench_reports_each_configuration_against_one_process(names_txt):
+    from handgrad.parallel_bench import ParallelBenchConfig, format_parallel_table, run_parallel_bench
+
+    cfg = ParallelBenchConfig(processes=(1, 2), batch_size=64, data=str(names_txt), rounds=1, seconds=0.2,
+                              steps=("eager",))
+    report = run_parallel_bench(cfg, log=lambda line: None)
+    rows = {(r["step"], r["processes"], r["reduce"]): r for r in report["results"]}
+    assert set(rows) == {("eager", 1, "none"), ("eager", 2, "once"), ("eager", 2, "buckets")}
+    assert rows[("eager", 1, "none")]["vs_1_process"] == 1.0
+    for r in rows.values():
+        assert r["steps_per_s"] > 0 and r["vs_1_process"] == r["steps_per_s"] / rows[("eager", 1, "none")]["steps_per_s"]
+    assert "buckets" in format_parallel_table(report)

@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--data", metavar="FILE", default=None, help="text file to draw batches from (default: built-in names)")
     p.add_argument("--processes", type=positive_int_list, default=None, metavar="N,N",
                    help="instead: steps/s of data-parallel training in N processes (gloo, --threads each) against "
-                        "one, the eager step, with the gradients summed once and in buckets; --seconds per "
-                        "measurement (then default 2), --rounds (then default 3)")
+                        "one, the eager step (the gradients summed once and in buckets) and the compiled one; "
+                        "--seconds per measurement (then default 2), --rounds (then default 3)")
     add_exercise_parser(sub)
     return parser
 

@@ -9,9 +9,10 @@ batch is made global by hand:
   gradient (`sharded_step`);
 - the gradients: one all-reduce (a sum) of the flat gradient buffer once the backward is done, or in
   buckets started as soon as the layers that fill them are done (`GradientReducer`);
-- BatchNorm's statistics: its forward all-reduces the sums of x and of (x - mean)^2, its backward the
-  sums of dy and dy * xhat (layers/norm.py), so that every rank normalises with the whole batch's
-  statistics and the running statistics stay the same on every rank;
+- BatchNorm's statistics: its forward all-reduces the sums of x - c and (x - c)^2 (c the running
+  mean) in one call, its backward the sums of dy and dy * xhat (layers/norm.py), so that every rank
+  normalises with the whole batch's statistics and the running statistics stay the same on every
+  rank; the fused table layer likewise sums its counts of ids (layers/tables.py);
 - dropout: each rank draws the whole batch's mask and keeps its rows (layers/core.py), the draws of
   one process exactly;
 - evaluation: each rank scores its slice of a split, and the sums are all-reduced (`train.evaluate`).
@@ -38,7 +39,8 @@ from .errors import HandgradError
 TIMEOUT_S = 60
 REDUCE_MODES = ("once", "buckets")
 # `--reduce buckets`: about this many buckets over the gradient buffer. A sum's cost here is mostly its latency
-# (tens of microseconds over local TCP), not its bytes: a few buckets overlap the backward, many would add up
+# (1.4-2.1 ms over local TCP on the project's machine, docs/parallel.md), not its bytes: a few buckets can
+# overlap the backward, many would add up
 BUCKETS = 4
 
 
@@ -148,11 +150,6 @@ def lost_contact(group: Group, error: Exception) -> RankError:
 
 
 _group: Group | None = None
-
-
-def current_group() -> Group | None:
-    """The run's group once `join` has formed it (None in one process)."""
-    return _group
 
 
 def join(device: torch.device) -> Group | None:
