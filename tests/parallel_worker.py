@@ -3,17 +3,11 @@
 Each scenario runs on every rank and rank 0 saves what the test compares (torch.save to `out`)."""
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from handgrad.parallel_bench import free_port
 
 
 def run_ranks(scenario, world: int, *args) -> None:
@@ -40,6 +34,17 @@ def model_and_data(name: str, dtype: torch.dtype, seed: int = 3, **sizes):
     return build_model(tc.model_config(len(ds.vocab), ds.block_size), seed=seed, dtype=dtype), ds
 
 
+def perturbed_model_and_batch(name: str, data: str, rows: int):
+    """A float64 model of `name` with its parameters moved away from their initial values (unit gains
+    and zero biases can hide a wrong backward), its data, and `rows` batch indices: the same on every
+    call, in the ranks and in the test that compares them with one process."""
+    torch.manual_seed(0)
+    model, ds = model_and_data(name, torch.float64, data=data)
+    for _, p in model.named_parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    return model, ds, torch.randint(0, len(ds.Y["train"]), (rows,))
+
+
 def fit_models(rank: int, world: int, runs: list[dict], folder: str, out: str) -> None:
     """`fit` each run in `runs` (a model family, its sizes and settings) on every rank; rank 0's run
     folders are under `folder`, named by their index."""
@@ -60,12 +65,8 @@ def sharded_gradients(rank: int, world: int, name: str, data: str, out: str) -> 
     running statistics after it, as rank 0 holds them and as every rank does."""
     from handgrad import parallel
 
-    torch.manual_seed(0)
-    model, ds = model_and_data(name, torch.float64, data=data)
-    for _, p in model.named_parameters():  # parameters away from their initial values (unit gains, zero biases)
-        p.add_(torch.randn_like(p) * 0.1)
+    model, ds, idx = perturbed_model_and_batch(name, data, 37)  # not a multiple of the ranks: unequal shares
     group = parallel.join(torch.device("cpu"))
-    idx = torch.randint(0, len(ds.Y["train"]), (37,))  # not a multiple of the ranks: unequal shares
     x, y = ds.X["train"][idx], ds.Y["train"][idx]
     mine = group.rows(len(idx))
     shard = parallel.Shard(group, mine, len(idx))
@@ -93,12 +94,8 @@ def compiled_table_gradients(rank: int, world: int, data: str, out: str) -> None
     from handgrad import parallel
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{os.path.dirname(out)}/compiled-{rank}"  # a fresh compile, each rank its own
-    torch.manual_seed(0)
-    model, ds = model_and_data("mlp", torch.float64, data=data)
-    for _, p in model.named_parameters():
-        p.add_(torch.randn_like(p) * 0.1)
+    model, ds, idx = perturbed_model_and_batch("mlp", data, 601)
     group = parallel.join(torch.device("cpu"))
-    idx = torch.randint(0, len(ds.Y["train"]), (601,))
     mine = group.rows(len(idx))
     step = parallel.ShardedCompiledStep(model, parallel.Shard(group, mine, len(idx)), (mine.stop - mine.start) / len(idx),
                                         parallel.GradientReducer(model, group), options={"cpp_wrapper": False})

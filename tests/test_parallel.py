@@ -69,11 +69,7 @@ def test_batchnorm_shared_across_ranks_gives_the_whole_batch_gradient(tmp_path, 
     on the whole batch (float64), bucketed or not, and every rank's running statistics are the same."""
     pw.run_ranks(pw.sharded_gradients, 2, name, str(names_txt), str(tmp_path / "g.pt"))
     got = torch.load(tmp_path / "g.pt")
-    torch.manual_seed(0)
-    model, ds = pw.model_and_data(name, torch.float64, data=str(names_txt))
-    for _, p in model.named_parameters():
-        p.add_(torch.randn_like(p) * 0.1)
-    idx = torch.randint(0, len(ds.Y["train"]), (37,))
+    model, ds, idx = pw.perturbed_model_and_batch(name, str(names_txt), 37)
     assert torch.equal(idx, got["idx"])
     with torch.inference_mode():
         loss = manual_step(model, ds.X["train"][idx], ds.Y["train"][idx])
@@ -94,11 +90,7 @@ def test_the_compiled_step_shares_the_fused_table_layers_counts(tmp_path, names_
     pw.run_ranks(pw.compiled_table_gradients, 2, str(names_txt), str(tmp_path / "c.pt"))
     got = torch.load(tmp_path / "c.pt")
     assert got["route"] == "EmbeddingLinearBatchNormTanh"
-    torch.manual_seed(0)
-    model, ds = pw.model_and_data("mlp", torch.float64, data=str(names_txt))
-    for _, p in model.named_parameters():
-        p.add_(torch.randn_like(p) * 0.1)
-    idx = torch.randint(0, len(ds.Y["train"]), (601,))
+    model, ds, idx = pw.perturbed_model_and_batch("mlp", str(names_txt), 601)
     assert torch.equal(idx, got["idx"])
     with torch.inference_mode():
         loss = manual_step(model, ds.X["train"][idx], ds.Y["train"][idx])

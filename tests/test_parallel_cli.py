@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from conftest import NAMES_TXT
 from safetensors.torch import load_file
 
 from handgrad import checkpoint
+from handgrad.parallel_bench import free_port
 
 BIN = Path(sys.executable).parent
 STEPS = ["--steps", "300", "--log-every", "20", "--eval-every", "100", "--save-every", "100", "-n", "0"]
@@ -112,12 +112,6 @@ def test_checkpoints_resume_on_another_number_of_processes(tmp_path, names_txt, 
     assert second.returncode == 0, second.stderr
     assert_same_weights(one_process, one_then_two, 1e-6)
     assert_same_losses(one_process, one_then_two)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_train_as_one_process(tmp_path, names_txt, one_process):

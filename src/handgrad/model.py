@@ -250,6 +250,16 @@ def build_wavenet(c: ModelConfig) -> Sequential:
     return Sequential(layers)
 
 
+def dropout_layers(c: ModelConfig):
+    """`dropout(name)`: a Dropout of `c.dropout` under that name, as a list of (name, layer) to splice
+    into a Sequential's layers; an empty list where the model has no dropout (0)."""
+
+    def dropout(name: str) -> list[tuple[str, Dropout]]:
+        return [(name, Dropout(c.dropout))] if c.dropout > 0 else []
+
+    return dropout
+
+
 def build_recurrent(c: ModelConfig) -> Sequential:
     """Embedding -> n_layers recurrent layers (the cell of `c.model`, a learned initial state) -> output
     Linear, predicting the next token at every position. The cells draw their weights as torch's do,
@@ -257,10 +267,7 @@ def build_recurrent(c: ModelConfig) -> Sequential:
     uniform. With `c.dropout` > 0, a Dropout after the embedding and after each recurrent layer (so on the
     inputs of every recurrent layer and of the output layer, never on the state carried between steps)."""
     cell = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}[c.model]
-
-    def dropout(name: str) -> list[tuple[str, Dropout]]:
-        return [(name, Dropout(c.dropout))] if c.dropout > 0 else []
-
+    dropout = dropout_layers(c)
     layers = [("embedding", Embedding(c.vocab_size, c.n_embd)), *dropout("dropout0")]
     fan_in = c.n_embd
     for i in range(1, c.n_layers + 1):
@@ -285,9 +292,7 @@ def build_transformer(c: ModelConfig) -> Sequential:
     attention = CausalSelfAttentionStepwise if c.stepwise else CausalSelfAttention
     norm = LayerNormStepwise if c.stepwise else LayerNorm
     chain = Sequential if c.stepwise else RecomputingSequential
-
-    def dropout(name: str) -> list[tuple[str, Dropout]]:
-        return [(name, Dropout(c.dropout))] if c.dropout > 0 else []
+    dropout = dropout_layers(c)
 
     embedding, position = Embedding(c.vocab_size, c.n_embd), PositionEmbedding(c.block_size, c.n_embd)
     for layer in (embedding, position):

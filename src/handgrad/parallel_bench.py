@@ -44,6 +44,7 @@ def worker(rank: int, world: int, port: int, cfg: ParallelBenchConfig, reduce: s
     import torch.distributed as dist
 
     from . import parallel
+    from .data import IGNORE
     from .fastpath import CompiledStep, manual_step
     from .model import build_model
     from .optim import make_optimizer
@@ -60,24 +61,21 @@ def worker(rank: int, world: int, port: int, cfg: ParallelBenchConfig, reduce: s
     optimizer = make_optimizer(tc.optimizer, model, lr=tc.lr * 0.01, momentum=tc.momentum, weight_decay=tc.weight_decay)
     X, Y = ds.X["train"], ds.Y["train"]
     torch.manual_seed(cfg.seed)
-    reducer = parallel.GradientReducer(model, group, reduce) if group is not None else None
-    mine = group.rows(cfg.batch_size) if group is not None else slice(None)
-    shard = parallel.Shard(group, mine, cfg.batch_size) if group is not None else None
-    share = (mine.stop - mine.start) / cfg.batch_size if group is not None else 1.0
-    if path == "compiled":
-        compiled = (CompiledStep(model) if group is None else parallel.ShardedCompiledStep(model, shard, share, reducer))
+    if group is not None:  # the step `handgrad train` runs in several processes
+        ranks = parallel.DataParallel(group, model, optimizer, cfg.batch_size, path, reduce,
+                                      IGNORE if ds.sequences else None)
+    elif path == "compiled":
+        compiled = CompiledStep(model)
 
     def step() -> None:
         idx = torch.randint(0, len(Y), (cfg.batch_size,))
         x, y = X.index_select(0, idx), Y.index_select(0, idx)
-        if group is None and path == "eager":
-            manual_step(model, x, y)
-        elif group is None:
-            compiled(x, y, None)
+        if group is not None:
+            ranks.step(x, y, False)
         elif path == "eager":
-            parallel.sharded_step(model, x[mine], y[mine], shard, share, reducer, 0.0)
+            manual_step(model, x, y)
         else:
-            compiled(x[mine], y[mine], 0.0)
+            compiled(x, y, None)
         optimizer.step()
 
     def barrier() -> None:
