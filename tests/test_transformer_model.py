@@ -60,6 +60,64 @@ def test_auto_compiles_a_long_transformer_run_at_its_training_batch():
     break_even = TRANSFORMER_COMPILE_SECONDS / (TRANSFORMER_SAVED_PER_EXAMPLE * 64)
     assert choose_impl("auto", "manual", int(break_even * 0.9), 64, model="transformer")[0] == "replay"
     assert choose_impl("auto", "manual", int(break_even * 1.1), 64, model="transformer")[0] == "compiled"
-    # diagnostics and several threads keep their own rules
+    # diagnostics keep their own rule; on several threads the transformer's compiled step stays ahead
     assert choose_impl("auto", "manual", 16_000, 64, diagnostics=True, model="transformer")[0] == "eager"
-    assert choose_impl("auto", "manual", 16_000, 64, threads=2, model="transformer")[0] == "replay"
+    assert choose_impl("auto", "manual", 16_000, 64, threads=2, model="transformer")[0] == "compiled"
+    assert choose_impl("auto", "manual", 16_000, 64, threads=2)[0] == "replay"
+
+
+def test_a_transformer_step_counts_its_positions_as_rows_for_threads():
+    """`train.cpu_threads`: one thread up to 256 rows a step; the transformer's rows are its items times
+    their positions (every layer reads them at once), a recurrent model's only its items."""
+    from handgrad.train import SMALL_BATCH, TORCH_THREADS, cpu_threads, step_rows
+
+    assert step_rows("transformer", 64, 16) == 1024 and step_rows("gru", 64, 16) == 64 and step_rows("mlp", 32, 3) == 32
+    assert cpu_threads(None, step_rows("transformer", 64, 16)) == TORCH_THREADS
+    assert cpu_threads(None, step_rows("lstm", 128, 16)) == 1 and cpu_threads(None, SMALL_BATCH) == 1
+    assert cpu_threads(3, 10) == 3
+
+
+@pytest.mark.parametrize("family", ["transformer", "gru"])
+def test_a_trimmed_batch_has_the_whole_widths_loss_and_gradients(family, names_txt):
+    """Cutting a batch to its longest item (`--trim`) cuts padding only: in float64 the loss and every gradient
+    equal those of the batch at the data's whole width (no dropout: masks of another shape are other draws)."""
+    import torch
+
+    from handgrad.data import IGNORE, trim_batch
+    from handgrad.fastpath import manual_step
+    from handgrad.model import build_model
+    from handgrad.train import TrainConfig
+
+    tc = TrainConfig(model=family, data=names_txt, dropout=0.0, n_embd=16, n_hidden=32, n_layers=2).resolved()
+    ds = tc.dataset()
+    X, Y = ds.X["train"], ds.Y["train"]
+    lengths = (Y != IGNORE).sum(1)
+    idx = torch.cat([torch.nonzero(lengths == n)[:3, 0] for n in (2, 5, 6)])  # the longest item: 6 positions
+    x, y = X[idx], Y[idx]
+    assert x.shape[1] == 16
+    model = build_model(tc.model_config(len(ds.vocab), ds.block_size), seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():  # gains and biases away from 1 and 0 as well
+            p.add_(torch.randn_like(p) * 0.1)
+    results = []
+    for k in (0, 1, 4, 5):
+        xt, yt = trim_batch(x, y, k)
+        assert xt.shape[1] == {0: 16, 1: 6, 4: 8, 5: 10}[k] and yt.shape == xt.shape
+        assert torch.equal(xt, x[:, :xt.shape[1]]) and bool((y[:, xt.shape[1]:] == IGNORE).all())
+        loss = float(manual_step(model, xt, yt))
+        results.append((loss, model.grad_buffer.clone()))
+    for loss, grads in results[1:]:
+        assert abs(loss - results[0][0]) <= 1e-12
+        torch.testing.assert_close(grads, results[0][1], rtol=0, atol=1e-12)
+    assert trim_batch(x, y, 32)[0].shape[1] == 16  # rounded up, never past the data's width
+
+
+def test_trim_defaults_and_belongs_to_sequence_models(tmp_path, capsys):
+    from cli_run import assert_one_line_error
+
+    from handgrad.train import TrainConfig
+
+    assert TrainConfig(model="transformer").resolved().trim == 4
+    assert TrainConfig(model="lstm").resolved().trim == 0 and TrainConfig(model="mlp").resolved().trim == 0
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "mlp", "--trim", "4", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--trim 4: the mlp has no batches of whole items to trim")

@@ -51,6 +51,14 @@ LR = 0.1  # small enough that thousands of timed steps stay finite
 LARGE_BATCH = 1024  # from here a step is mostly arithmetic: the table shows GFLOP/s, and several steps per call do not pay
 
 
+def default_batch_sizes(model: str = "mlp") -> tuple[int, ...]:
+    """The seed's batch and a large one; for the other families, their training batch (model.TRAINING)
+    and 1,024 items (a transformer's 1,024 names are 12-16 thousand positions)."""
+    from .model import TRAINING
+
+    return (32, 8192) if model == "mlp" else (TRAINING[model]["batch_size"], 1024)
+
+
 def default_impls(batch_size: int | None = None, device: str = "cpu", model: str = "mlp") -> list[str]:
     """Several steps per call only pay at small batches, where a call's fixed cost is most of a step;
     CUDA graphs only exist on a GPU. Models other than the seed's: autograd through the model's own

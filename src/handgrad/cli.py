@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonnegative_float, default=None,
                    help="weight decay of the embedding and weight matrices (default: the model's; mlp 0)")
     p.add_argument("--momentum", type=nonnegative_float, default=None, help="momentum of --optimizer momentum (default 0.9)")
+    p.add_argument("--trim", type=nonnegative_int, default=None, metavar="K",
+                   help="sequence models: cut each batch to its longest item, rounded up to a multiple of K positions "
+                        "(the padding cut predicts nothing; 0: every batch at the data's positions; default: the "
+                        "model's; transformer 4, the recurrent models 0)")
     p.add_argument("--diagnostics", action="store_true",
                    help="at each evaluation, log tanh saturation and gradient-to-data ratios to metrics.jsonl and draw activations.png")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="steps between validation losses (default 1000; 0: only at the end)")
@@ -205,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad", choices=["manual", "autograd"], default="manual",
                    help="manual: the hand-written backward; autograd: the reference, to compare (default manual)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: 1 for batches up to 256, whose steps are many tiny ops; "
-                        "otherwise torch's default)")
+                   help="CPU threads (default: 1 for batches up to 256 rows, whose steps are many tiny ops, "
+                        "otherwise torch's default; a transformer's rows are its items times their positions)")
     p.add_argument("--check-every", type=nonnegative_int, default=0,
                    help="compare manual and autograd gradients every N steps and stop on a mismatch (default 0: never)")
     p.add_argument("--no-check", action="store_true", help="skip the gradient check before the first step")
@@ -255,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-sizes", type=positive_int_list, default=None, metavar="N,N",
-                   help="batch sizes, comma-separated (default 32,8192; with --processes, 8192)")
+                   help="batch sizes, comma-separated (default 32,8192; for families other than the mlp, "
+                        "their training batch and 1024; with --processes, 8192)")
     p.add_argument("--impls", type=name_list, default=None, metavar="NAME,NAME",
                    help="implementations, comma-separated (default autograd,autograd-compiled,manual,"
                         "manual-replay,manual-compiled, and manual-compiled-x32 below batch 1024; "
@@ -375,7 +380,7 @@ def cmd_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
         optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-        momentum=args.momentum, diagnostics=args.diagnostics,
+        trim=args.trim, momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
         device=args.device, threads=args.threads, dtype=args.dtype, num_samples=args.num_samples,
         save_every=args.save_every, stop_at=args.stop_at, reduce=args.reduce,
@@ -435,12 +440,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, format_table, run_bench
+    from .bench import BenchConfig, default_batch_sizes, format_table, run_bench
 
     if args.processes:
         return cmd_bench_processes(args)
-    cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes or (32, 8192)), impls=args.impls or None, threads=args.threads,
-                      device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data, model=args.model)
+    cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes or default_batch_sizes(args.model)), impls=args.impls or None,
+                      threads=args.threads, device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data, model=args.model)
     report = run_bench(cfg)
     print(json.dumps(report, indent=1) if args.json else format_table(report))
     return 0

@@ -292,6 +292,9 @@ class CompiledStep:
             # the graph's launcher in C++ rather than Python: a few microseconds less per kernel
             # launched, most of a small batch's step once the kernels are fused; compiling takes longer
             options.setdefault("cpp_wrapper", True)
+            # its kernels and its launcher built as separate libraries, in parallel: the transformer's step
+            # compiled in 63 s rather than 116 on 2 cores, its two shapes together, on a cold cache
+            options.setdefault("cpp_wrapper_build_separate", True)
         self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
         self._seen: set[tuple] = set()
 
@@ -401,13 +404,12 @@ COMPILE_SECONDS = 15.0
 SAVED_PER_EXAMPLE = 1.05e-6
 BREAK_EVEN_BATCH = 100
 # The transformer's step is many passes over (batch x positions) rows, which compiling fuses: at its
-# training batch of 64 items the bench measured 70.7 compiled steps/s against 38.9 eager (built-in
-# names, 12 positions, one idle CPU core, no dropout), 11.6 ms a step, about
-# TRANSFORMER_SAVED_PER_EXAMPLE seconds per item; in the training loop on names.txt (16 positions,
-# a shared machine) 38-45 compiled steps/s against 21 replayed. Compiling took 35-43 s
-# (TRANSFORMER_COMPILE_SECONDS), in the bench and in the loop (docs/models.md, docs/bench.md).
-TRANSFORMER_SAVED_PER_EXAMPLE = 1.8e-4
-TRANSFORMER_COMPILE_SECONDS = 45.0
+# training batch of 64 names (names.txt, trimmed to 12 or 16 positions) the compiled step took 22-26 ms
+# on one thread against 44 eager, and 23-25 ms on two against 32 eager: about
+# TRANSFORMER_SAVED_PER_EXAMPLE seconds per item. Compiling the two shapes took 80-116 s on a cold cache
+# (TRANSFORMER_COMPILE_SECONDS; a few seconds once torch's cache holds them) (docs/models.md).
+TRANSFORMER_SAVED_PER_EXAMPLE = 1.5e-4
+TRANSFORMER_COMPILE_SECONDS = 90.0
 
 
 def worth_compiling(steps: int, batch_size: int, model: str | None = None) -> bool:
@@ -440,7 +442,9 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
     if device == "cuda":  # measured on an H200 at batch 32: 5,646 steps/s recorded, 1,268 eager, 604 autograd
         return "cudagraph", "auto: on a GPU one graph launch a step beats one launch an operation"
     replayed = "the eager step's calls, replayed"
-    if threads > 1:  # measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread)
+    # the seed model measured at batch 8192 on 2 cores: eager 12.5 ms a step, compiled 15.0 (10.0 on one thread);
+    # the transformer's compiled step stays ahead on 2 threads (docs/models.md)
+    if threads > 1 and model != "transformer":
         return "replay", f"auto: with {threads} threads the library's kernels beat the compiled ones; {replayed}"
     if worth_compiling(steps, batch_size, model):
         seconds = TRANSFORMER_COMPILE_SECONDS if model == "transformer" else COMPILE_SECONDS

@@ -339,8 +339,8 @@ TRAINING = {
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
     # the transformer's recipe (and its dropout 0.2 in DEFAULTS) from the tuning runs in docs/models.md
-    "transformer": dict(optimizer="adamw", lr=2e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=15_000,
-                        batch_size=64),
+    "transformer": dict(optimizer="adamw", lr=2e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=20_000,
+                        batch_size=64, trim=4),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
                 batch_size=128),
     "gru": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=8_000,

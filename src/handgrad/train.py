@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, fastpath, parallel
-from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data
+from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data, trim_batch
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
@@ -35,6 +35,7 @@ MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers", "n_heads", "dr
 ONLY_FOR = {  # model settings that only some families have: (those families, what the others lack)
     "n_heads": (("transformer",), "attention"),
     "dropout": (("transformer", "rnn", "gru", "lstm"), "dropout layers"),
+    "trim": (tuple(sorted(SEQUENCE_MODELS)), "batches of whole items to trim"),
 }
 OWN_RECIPE = "mlp"  # a model of one's own trains with the seed's recipe where nothing says otherwise
 
@@ -62,6 +63,7 @@ class TrainConfig:
     warmup: int | None = None
     weight_decay: float | None = None
     momentum: float | None = None  # of the momentum optimizer; None: 0.9
+    trim: int | None = None  # sequence models: each batch cut to its longest item, in multiples of this (0: not cut)
     diagnostics: bool = False  # tanh saturation and gradient-to-data ratios at each evaluation
     seed: int = 42
     eval_every: int = 1000
@@ -90,6 +92,8 @@ class TrainConfig:
         for k, v in recipe.items():
             if d[k] is None:
                 d[k] = v
+        if d["trim"] is None:
+            d["trim"] = 0  # the families whose recipe does not trim
         if d["optimizer"] == "momentum" and d["momentum"] is None:
             d["momentum"] = 0.9
         for k, v in DEFAULTS.get(self.model, {}).items():
@@ -153,7 +157,8 @@ def idle_setting_warnings(cfg: TrainConfig, given: TrainConfig) -> list[str]:
     return warnings
 
 
-SMALL_BATCH = 256  # up to this many examples a step is many tiny ops, which extra threads only slow down
+SMALL_BATCH = 256  # up to this many rows a step is many tiny ops, which extra threads only slow down
+TORCH_THREADS = torch.get_num_threads()  # torch's default (the cores, or OMP_NUM_THREADS), before any run sets it
 
 
 def require_threads(threads: int) -> int:
@@ -162,11 +167,20 @@ def require_threads(threads: int) -> int:
     return threads
 
 
-def cpu_threads(threads: int | None, batch_size: int) -> int:
-    """Threads for the CPU ops: as asked, else one for small batches and torch's default for large ones."""
+def cpu_threads(threads: int | None, rows: int) -> int:
+    """Threads for the CPU ops: as asked, else one for steps of few rows and torch's default (every core) for
+    more. The rows are those a step's ops read at once (`step_rows`)."""
     if threads is not None:
         return require_threads(threads)
-    return 1 if batch_size <= SMALL_BATCH else torch.get_num_threads()
+    return 1 if rows <= SMALL_BATCH else TORCH_THREADS
+
+
+def step_rows(model: str, batch_size: int, positions: int) -> int:
+    """The rows each op of a step reads: the batch's examples or items, and for the transformer, whose every
+    layer reads all positions at once, the items times their positions (64 names of 16 positions: 1,024;
+    with two threads its step takes about 0.7x the time of one, docs/models.md). A recurrent layer steps
+    through the positions, each op reading the batch's rows only."""
+    return batch_size * (positions if model == "transformer" else 1)
 
 
 def require_batch_statistics(model, batch_size: int) -> None:
@@ -314,7 +328,7 @@ def train(cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None) -> dict
         raise HandgradError(f"unknown model {cfg.model!r}: choose one of {', '.join(TRAINING)}")
     given, cfg = cfg, cfg.resolved(refuse_idle=resume is None)  # `fit` resolves `given` again, and says what it fills in
     device = parallel.local_device(resolve_device(cfg.device))  # several processes on GPUs: one each
-    torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
+    torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))  # until `fit` knows the data's positions
     step_path(cfg, device, resume)  # a bad --impl refused before anything is loaded or written
     prepare_run_folder(Path(cfg.out), fresh=resume is None)
     ds = cfg.dataset()
@@ -445,7 +459,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     cfg = given.resolved(refuse_idle=resume is None)  # a resumed run's settings were checked when it started
     for line in idle_setting_warnings(cfg, given):
         print(line, file=sys.stderr)
-    torch.set_num_threads(cpu_threads(cfg.threads, cfg.batch_size))
+    torch.set_num_threads(cpu_threads(cfg.threads, step_rows(cfg.model, cfg.batch_size, data.block_size)))
     cfg = replace(cfg, threads=torch.get_num_threads())  # recorded as used
     start = resume.step if resume is not None else 0
     impl, why = step_path(cfg, device, resume)
@@ -583,7 +597,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
             if idx.device != device:
                 idx = idx.to(device)
-            x, y = Xtrain.index_select(0, idx), Ytrain.index_select(0, idx)
+            x, y = trim_batch(Xtrain.index_select(0, idx), Ytrain.index_select(0, idx), cfg.trim)
             if cfg.check_every and step % cfg.check_every == 0:  # the whole batch, on every rank alike
                 with torch.inference_mode(False):  # autograd's reference needs a batch it can save for its backward
                     results = check_model(model, x.clone(), y.clone(), grads=optimizer.grads)
@@ -703,6 +717,7 @@ def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkp
         saved["momentum"] = None  # earlier versions recorded the momentum of optimizers that have none
     if saved.get("stop_at") and saved["stop_at"] <= ckpt.step:
         saved["stop_at"] = 0  # the stop it made: done
+    saved.setdefault("trim", 0)  # saved before batches were trimmed: it ran every batch at the data's width
     try:
         cfg = TrainConfig(**{**saved, **changed, "out": str(out)})
     except TypeError as e:
