@@ -406,8 +406,8 @@ BREAK_EVEN_BATCH = 100
 # The transformer's step is many passes over (batch x positions) rows, which compiling fuses: at its
 # training batch of 64 names (names.txt, trimmed to 12 or 16 positions) the compiled step took 22-26 ms
 # on one thread against 44 eager, and 23-25 ms on two against 32 eager: about
-# TRANSFORMER_SAVED_PER_EXAMPLE seconds per item. Compiling the two shapes took 80-116 s on a cold cache
-# (TRANSFORMER_COMPILE_SECONDS; a few seconds once torch's cache holds them) (docs/models.md).
+# TRANSFORMER_SAVED_PER_EXAMPLE seconds per item. Compiling the two shapes took 63-116 s with torch's
+# cache empty (TRANSFORMER_COMPILE_SECONDS; a few seconds once the cache holds them) (docs/models.md).
 TRANSFORMER_SAVED_PER_EXAMPLE = 1.5e-4
 TRANSFORMER_COMPILE_SECONDS = 90.0
 
