@@ -267,6 +267,22 @@ def gc_frozen():
             gc.unfreeze()
 
 
+@contextlib.contextmanager
+def repeatable_sums():
+    """On several threads, torch's accumulating scatter (the token table's gradient) adds in whatever order
+    its threads land, eager and compiled alike: two runs, or a run and its resumed continuation, would part
+    in the last bits. Torch's deterministic algorithms (a fixed order; a warning, not an error, for an op
+    that has none) keep them equal bit for bit; one thread needs nothing. Undone on the way out."""
+    if torch.get_num_threads() == 1 or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 class Progress:
     """A progress bar on a terminal; plain lines otherwise."""
 
@@ -589,7 +605,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     stops_on = (signal.SIGINT, signal.SIGTERM) if group is not None else (signal.SIGINT,)  # torchrun: SIGTERM
     metrics_file = metrics_path if writes else os.devnull
     with (checkpoint.StopAtStepBoundary(stops_on) as stop, open(metrics_file, "a", encoding="utf-8") as mf,
-          gc_frozen(), loop_mode):
+          gc_frozen(), repeatable_sums(), loop_mode):
         if resume is None:  # the untrained state, so that a run that diverges early still leaves one to resume
             save(0)
         for step in range(start, cfg.steps):
