@@ -272,6 +272,19 @@ class ReplayStep:
         return loss
 
 
+def compile_options(model, options: dict | None = None) -> dict:
+    """The compiler's options for a step of `model`: `options`, and on a CPU the launcher in C++."""
+    options = dict(options or {})
+    if model.parameters()[0].device.type == "cpu":
+        # the graph's launcher in C++ rather than Python: a few microseconds less per kernel
+        # launched, most of a small batch's step once the kernels are fused; compiling takes longer
+        options.setdefault("cpp_wrapper", True)
+        # its kernels and its launcher built as separate libraries, in parallel: the transformer's step
+        # compiled in 63 s rather than 116 on 2 cores, its two shapes together, on a cold cache
+        options.setdefault("cpp_wrapper_build_separate", True)
+    return options
+
+
 class CompiledStep:
     """`steps_per_call` manual training steps, compiled: batch gather, zero_grad, forward, backward,
     and the optimizer's update; without an optimizer, one step's forward and backward only (the
@@ -287,15 +300,8 @@ class CompiledStep:
         # the trace runs the fused view (the same tensors): large batches skip the first layer's matmuls
         self.source, self.model, self.optimizer, self.steps_per_call = model, fused(model), optimizer, steps_per_call
         self.compile_seconds = 0.0
-        options = dict(options or {})
-        if model.parameters()[0].device.type == "cpu":
-            # the graph's launcher in C++ rather than Python: a few microseconds less per kernel
-            # launched, most of a small batch's step once the kernels are fused; compiling takes longer
-            options.setdefault("cpp_wrapper", True)
-            # its kernels and its launcher built as separate libraries, in parallel: the transformer's step
-            # compiled in 63 s rather than 116 on 2 cores, its two shapes together, on a cold cache
-            options.setdefault("cpp_wrapper_build_separate", True)
-        self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
+        self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False,
+                                       options=compile_options(model, options))
         self._seen: set[tuple] = set()
 
     def _steps(self, X, Y, idx, lr):
@@ -446,15 +452,12 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
     # the transformer's compiled step stays ahead on 2 threads (docs/models.md)
     if threads > 1 and model != "transformer":
         return "replay", f"auto: with {threads} threads the library's kernels beat the compiled ones; {replayed}"
+    seconds = TRANSFORMER_COMPILE_SECONDS if model == "transformer" else COMPILE_SECONDS
     if worth_compiling(steps, batch_size, model):
-        seconds = TRANSFORMER_COMPILE_SECONDS if model == "transformer" else COMPILE_SECONDS
         return "compiled", f"auto: {steps:,} steps of batch {batch_size} repay a ~{seconds:.0f}s compile"
-    if model == "transformer":
-        seconds = TRANSFORMER_COMPILE_SECONDS
-        return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{seconds:.0f}s compile; {replayed}"
-    if batch_size <= BREAK_EVEN_BATCH:
+    if batch_size <= BREAK_EVEN_BATCH and model != "transformer":
         return "replay", f"auto: at batch {batch_size} a compiled step is no faster in the training loop; {replayed}"
-    return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{COMPILE_SECONDS:.0f}s compile; {replayed}"
+    return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{seconds:.0f}s compile; {replayed}"
 
 
 def compiled_train_step(model, impl: str = "compiled", report=lambda line: None):

@@ -373,14 +373,11 @@ class ShardedCompiledStep:
     `weight` is fixed: every rank's share of a batch whose every target counts (not sequence data)."""
 
     def __init__(self, model, shard: Shard, weight: float, reducer: GradientReducer, options: dict | None = None):
-        from .fastpath import fused
+        from .fastpath import compile_options, fused
 
         self.view, self.shard, self.weight, self.reducer = fused(model), shard, weight, reducer
-        options = dict(options or {})
-        if model.parameters()[0].device.type == "cpu":  # as fastpath.CompiledStep: the launcher in C++
-            options.setdefault("cpp_wrapper", True)
-        # not one graph: it breaks at each of the layers' sums over the ranks (`eager_sum_`)
-        self._compiled = torch.compile(self._forward_backward, dynamic=False, options=options)
+        # not one graph: it breaks at each of the layers' sums over the ranks (`summed_over_ranks`)
+        self._compiled = torch.compile(self._forward_backward, dynamic=False, options=compile_options(model, options))
 
     def _forward_backward(self, x, y):
         self.view.zero_grad()

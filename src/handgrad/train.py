@@ -382,7 +382,7 @@ def refuse_for_processes(cfg: TrainConfig, model, world: int, impl: str, why: st
         raise HandgradError(f"--impl compiled: a run of {world} processes compiles only models of fixed contexts "
                             "(each rank's share of a sequence batch's counted targets changes every step)")
     if cfg.diagnostics:
-        raise HandgradError(f"--diagnostics measures one process's activations; it runs without torchrun")
+        raise HandgradError("--diagnostics measures one process's activations; it runs without torchrun")
     if cfg.reduce not in parallel.REDUCE_MODES:
         raise HandgradError(f"--reduce {cfg.reduce}: choose one of {', '.join(parallel.REDUCE_MODES)}")
     if cfg.batch_size < world:

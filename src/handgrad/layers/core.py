@@ -548,11 +548,13 @@ GELU_SCALE = (2 / torch.pi) ** 0.5  # sqrt(2 / pi)
 GELU_CUBIC = 0.044715
 
 
-def sigmoid_2u(x):
-    """sigmoid(2u) = (1 + tanh(u)) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3): three passes over x, one of
-    them transcendental (a sigmoid is an exp; torch's tanh, eager and compiled, costs about 4x more here)."""
+def sigmoid_2u(x, x2=None):
+    """sigmoid(2u) = (1 + tanh(u)) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3), from x (and x^2 where the caller
+    has it): three passes over x, one of them transcendental (a sigmoid is an exp; torch's tanh, eager and
+    compiled, costs about 4x more here)."""
     # 2u = x (2 sqrt(2/pi) + 2 sqrt(2/pi) 0.044715 x^2)
-    return torch.addcmul(x * (2 * GELU_SCALE), x, x * x, value=2 * GELU_SCALE * GELU_CUBIC).sigmoid_()
+    return torch.addcmul(x * (2 * GELU_SCALE), x, x * x if x2 is None else x2,
+                         value=2 * GELU_SCALE * GELU_CUBIC).sigmoid_()
 
 
 class GELU(Module):
@@ -568,9 +570,10 @@ class GELU(Module):
     # with s = sigmoid(2u) = (1 + t)/2, so 1 - t^2 = 4 s (1 - s):  d gelu/dx = s (1 + x (1 - s) 2 du/dx)
     def backward(self, dout):
         x = self.saved["x"]
-        s = sigmoid_2u(x)
+        x2 = x * x
+        s = sigmoid_2u(x, x2)
         x_not_s = torch.addcmul(x, x, s, value=-1)  # x (1 - s)
-        two_du = (x * x).mul_(6 * GELU_SCALE * GELU_CUBIC).add_(2 * GELU_SCALE)  # 2 du/dx
+        two_du = x2.mul_(6 * GELU_SCALE * GELU_CUBIC).add_(2 * GELU_SCALE)  # 2 du/dx, in x2's memory
         return two_du.mul_(x_not_s).add_(1).mul_(s).mul_(dout)
 
 

@@ -118,8 +118,8 @@ class BatchNorm1d(Module):
         if shard is not None:  # the sums over the whole batch's N rows (this rank's parts go to the weights)
             sums = shard.summed(torch.stack([dout_sum, dout_xhat_sum]))
             dout_sum, dout_xhat_sum, n = sums[0], sums[1], shard.global_count(dout)
-            return torch.addcmul(dout, xhat, dout_xhat_sum, value=-1 / n).add_(dout_sum, alpha=-1 / n).mul_(scale)
-        n = dout.numel() // dout.shape[-1]
+        else:
+            n = dout.numel() // dout.shape[-1]
         # dx = scale * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N), in three passes
         return torch.addcmul(dout, xhat, dout_xhat_sum, value=-1 / n).add_(dout_sum, alpha=-1 / n).mul_(scale)
 
