@@ -7,6 +7,7 @@ import torch
 from handgrad.errors import HandgradError
 from handgrad.gradcheck import check_layer, passed
 from handgrad.layers import CausalSelfAttention, CausalSelfAttentionStepwise
+from handgrad.layers.core import keep_probability
 
 FORMS = [CausalSelfAttention, CausalSelfAttentionStepwise]
 
@@ -79,7 +80,7 @@ def test_stepwise_lists_every_intermediate_with_its_gradient():
         layer.forward(x)
         layer.backward(randn(2, 5, 6, seed=2))
     intermediates, grads = dict(layer.named_intermediates()), dict(layer.named_intermediate_grads())
-    assert set(intermediates) == set(CausalSelfAttentionStepwise.inspectable)
+    assert set(intermediates) == set(CausalSelfAttentionStepwise.inspectable) - {"kept"}  # kept: with dropout
     assert set(intermediates) <= set(grads)
     for name, t in intermediates.items():
         assert grads[name].shape == t.shape, name
@@ -182,3 +183,99 @@ def test_the_fused_form_keeps_its_input_and_the_heads_only():
     torch.testing.assert_close(att, stepwise.saved["att"].reshape(6, 6, 6), rtol=0, atol=1e-14)
     # float64: the mask moved with the layer
     assert layer.mask.dtype == torch.float64
+
+
+# ---- dropout of the attention weights
+
+
+class SeededDropout:
+    """Dropout 0.3 on the attention weights, the mask drawn from one seed in every forward: the check's
+    forwards (autograd's, the manual one, each finite difference's) all see one mask."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, dropout=0.3, **kwargs)
+
+    def forward(self, x):
+        torch.manual_seed(123)
+        return super().forward(x)
+
+
+class Maskless:
+    """A planted error: the backward passes d kept through as d att, the dropped weights' gradient included."""
+
+    @staticmethod
+    def dropout_backward(dkept, mask):
+        return dkept
+
+
+class SeededDropoutAttention(SeededDropout, CausalSelfAttention):
+    pass
+
+
+class SeededDropoutAttentionStepwise(SeededDropout, CausalSelfAttentionStepwise):
+    pass
+
+
+class MasklessDropoutAttention(Maskless, SeededDropout, CausalSelfAttention):
+    pass
+
+
+class MasklessDropoutAttentionStepwise(Maskless, SeededDropout, CausalSelfAttentionStepwise):
+    pass
+
+
+@pytest.fixture
+def same_generator():
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("cls", [SeededDropoutAttention, SeededDropoutAttentionStepwise])
+@pytest.mark.parametrize("shape", SHAPES[1:4])
+def test_attention_dropout_against_autograd_and_finite_differences(cls, shape, same_generator):
+    B, T, C, H, block = shape
+    layer = attention(cls, C, H, block, seed=sum(shape))
+    assert_ok(check_layer(layer, randn(B, T, C, seed=1), dout=randn(B, T, C, seed=2)))
+    with torch.no_grad():
+        layer.forward(randn(B, T, C, seed=1))
+    mask = layer.saved["att_mask"]
+    assert set(mask.unique().tolist()) <= {0.0, 1 / keep_probability(0.3)} and 0 < torch.count_nonzero(mask) < mask.numel()
+
+
+def test_attention_dropout_fused_and_stepwise_compute_the_same_numbers(same_generator):
+    fused = attention(SeededDropoutAttention, 8, 4, 6)
+    stepwise = attention(SeededDropoutAttentionStepwise, 8, 4, 6)
+    x, dout = randn(3, 6, 8, seed=1), randn(3, 6, 8, seed=2)
+    with torch.no_grad():
+        outs = [layer.forward(x) for layer in (fused, stepwise)]
+        dxs = [layer.backward(dout) for layer in (fused, stepwise)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-13)
+    torch.testing.assert_close(dxs[0], dxs[1], rtol=0, atol=1e-13)
+    for name, g in fused.grads.items():
+        torch.testing.assert_close(g, stepwise.grads[name], rtol=0, atol=1e-12)
+    # the weights dropped are the ones the stepwise form's kept zeroes; the rest are att / k, k about 1 - p
+    kept, att = stepwise.saved["kept"], stepwise.saved["att"]
+    assert torch.count_nonzero((kept == 0) & (att > 0)) > 0
+    torch.testing.assert_close(kept[kept != 0], att[kept != 0] / keep_probability(0.3), rtol=0, atol=1e-15)
+
+
+def test_attention_dropout_is_off_in_eval(same_generator):
+    layer = attention(SeededDropoutAttention, 8, 2, 6)
+    plain = attention(CausalSelfAttention, 8, 2, 6)
+    x = randn(2, 6, 8, seed=1)
+    with torch.no_grad():
+        assert not torch.equal(layer.forward(x), plain.forward(x))
+        layer.eval()
+        assert torch.equal(layer.forward(x), plain.forward(x)) and "att_mask" not in layer.saved
+    with pytest.raises(HandgradError, match="dropout"):
+        CausalSelfAttention(8, 2, 6, dropout=1.0)
+
+
+@pytest.mark.parametrize("cls", [MasklessDropoutAttention, MasklessDropoutAttentionStepwise])
+def test_check_catches_an_attention_backward_that_ignores_the_dropout_mask(cls, same_generator):
+    layer = attention(cls, 6, 2, 5)
+    results = check_layer(layer, randn(2, 5, 6, seed=1), dout=randn(2, 5, 6, seed=2))
+    failed = {(r.name, r.kind) for r in results if not r.close}
+    assert {("input", "intermediate"), ("qkv_weight", "parameter"), ("qkv_weight", "finite-difference")} <= failed
+    assert ("proj_weight", "parameter") not in failed  # the output projection reads the kept weights right

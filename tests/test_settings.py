@@ -53,7 +53,8 @@ def test_run_json_records_the_values_used(tmp_path, capsys):
     assert (config["block_size"], config["n_embd"], config["n_hidden"], config["n_layers"]) == (3, 10, 200, 1)
     assert config["threads"] == 1 and config["warmup"] == 0 and config["lr"] == 1.0
     unused = {k for k, v in config.items() if v is None}
-    assert unused <= {"data", "momentum", "n_heads", "dropout"}, unused  # built-in data; sgd, no attention, no dropout
+    # built-in data; sgd; no attention, dropout or output layer to tie
+    assert unused <= {"data", "momentum", "n_heads", "dropout", "attn_dropout", "tie_weights"}, unused
 
 
 def test_a_refused_run_into_a_used_folder_prints_nothing_first(saved_run, capsys):

@@ -12,7 +12,7 @@ from handgrad.fastpath import ReplayStep, manual_step
 from handgrad.gradcheck import check_layer, check_model, finite_difference_check, passed
 from handgrad.layers import (GELU, CausalSelfAttention, CausalSelfAttentionStepwise, Dropout, Embedding, LayerNorm,
                              LayerNormStepwise, Linear, PositionEmbedding, Residual, Sequential, TiedLinear)
-from handgrad.layers.core import GELU_CUBIC, GELU_SCALE
+from handgrad.layers.core import GELU_CUBIC, GELU_SCALE, dropout_mask, keep_probability
 from handgrad.loss import CrossEntropy
 from handgrad.model import Model, ModelConfig
 from handgrad.optim import make_optimizer
@@ -163,10 +163,34 @@ def test_dropout(p, shape):
         with torch.no_grad():
             layer.forward(randn(*shape, seed=1))
         mask = layer.saved["mask"]
-        assert set(mask.unique().tolist()) <= {0.0, 1 / (1 - p)}
+        assert set(mask.unique().tolist()) <= {0.0, 1 / keep_probability(p)}
         assert 0 < torch.count_nonzero(mask) < mask.numel()
     finally:
         torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_a_dropout_mask_keeps_each_entry_with_probability_1_minus_p(p, same_generator_state):
+    """Four 16-bit numbers from each 64-bit draw: the fraction kept, in every one of the four lanes and
+    over rows and columns, is 1 - p to sampling noise; the mask's values are 0 and 1 / k, its mean 1."""
+    k = keep_probability(p)
+    assert abs(k - (1 - p)) <= 2**-17
+    mask = dropout_mask(torch.empty(400, 250, dtype=torch.float64), p)
+    kept = (mask != 0).double()
+    assert set(mask.unique().tolist()) == {0.0, 1 / k}
+    sd = (k * (1 - k) / kept.numel()) ** 0.5
+    assert abs(float(kept.mean()) - k) < 5 * sd
+    lanes = kept.view(-1, 4).mean(0)  # the four numbers of each 64-bit draw
+    assert float((lanes - k).abs().max()) < 5 * 2 * sd
+    assert float((kept.mean(1) - k).abs().max()) < 5 * (k * (1 - k) / 250) ** 0.5
+    assert not torch.equal(dropout_mask(torch.empty(400, 250), p), dropout_mask(torch.empty(400, 250), p))
+
+
+@pytest.fixture
+def same_generator_state():
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
 
 
 def test_dropout_backward_uses_the_forwards_mask():
@@ -313,7 +337,8 @@ def test_the_transformer_passes_the_model_check(sequences, dtype, stepwise, tied
     for i in (1, 2):
         assert {f"attention{i}.out", f"attention{i}.attn.out", f"mlp{i}.gelu.out"} <= names
         if stepwise:
-            assert {f"attention{i}.attn.{n}" for n in CausalSelfAttentionStepwise.inspectable} <= names
+            # every intermediate of the chain (kept: only with attention dropout, which this model has not)
+            assert {f"attention{i}.attn.{n}" for n in CausalSelfAttentionStepwise.inspectable if n != "kept"} <= names
             assert {f"attention{i}.ln.{n}" for n in LayerNormStepwise.inspectable} <= names
     if dtype == torch.float64:
         fd = finite_difference_check(model, x, y, samples_per_param=3)

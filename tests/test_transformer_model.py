@@ -91,7 +91,9 @@ def test_a_trimmed_batch_has_the_whole_widths_loss_and_gradients(family, names_t
     from handgrad.model import build_model
     from handgrad.train import TrainConfig
 
-    tc = TrainConfig(model=family, data=names_txt, dropout=0.0, n_embd=16, n_hidden=32, n_layers=2).resolved()
+    no_attention_dropout = {"attn_dropout": 0.0} if family == "transformer" else {}
+    tc = TrainConfig(model=family, data=names_txt, dropout=0.0, n_embd=16, n_hidden=32, n_layers=2,
+                     **no_attention_dropout).resolved()
     ds = tc.dataset()
     X, Y = ds.X["train"], ds.Y["train"]
     lengths = (Y != IGNORE).sum(1)
@@ -138,3 +140,96 @@ def test_two_threads_resume_bit_for_bit(tmp_path, capsys, names_txt):
               "--warmup", "5", "--save-every", "0", "--threads", "2", *QUICK]
     assert_resumes_bit_for_bit(tmp_path, capsys, common, stop_at=12)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("form", [[], ["--fused"]], ids=["stepwise", "fused"])
+def test_check_passes_with_attention_dropout_and_tied_weights(form, names_txt, capsys):
+    rc, out, err = run_cli(["check", "--model", "transformer", "--dtype", "float64", "-i", names_txt, *SMALL,
+                            "--attn-dropout", "0.2", "--tie-weights", "--fd-samples", "3", *form], capsys)
+    assert rc == 0, out + err
+    assert out.rstrip().splitlines()[-1].startswith("PASS")
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert "embedding.weight" in names and "output.weight" not in names  # the tied table, listed once
+    if not form:  # the kept weights, after the attention dropout, are an intermediate of their own
+        assert {"attn1.attn.kept", "attn2.attn.kept"} <= names
+
+
+def test_attention_dropout_and_tied_weights_train_and_resume_bit_for_bit(tmp_path, capsys):
+    from handgrad import checkpoint
+
+    common = ["--model", "transformer", *SMALL, "--attn-dropout", "0.1", "--tie-weights", "--steps", "30",
+              "--warmup", "5", "--save-every", "0", *QUICK]
+    straight, _ = assert_resumes_bit_for_bit(tmp_path, capsys, common, stop_at=12)
+    run = json.loads((straight / "run.json").read_text())
+    assert run["model_config"]["attn_dropout"] == 0.1 and run["model_config"]["tie_weights"] is True
+    assert run["config"]["attn_dropout"] == 0.1 and run["config"]["tie_weights"] is True
+    tensors, _ = checkpoint.read_safetensors(straight / checkpoint.MODEL_WEIGHTS)
+    assert "embedding.weight" in tensors and "output.weight" not in tensors and "output.bias" in tensors
+    rc, out, err = run_cli(["sample", "-o", straight, "-n", "3", "--seed", "1"], capsys)
+    assert rc == 0 and len(out.splitlines()) == 3, err
+
+
+def test_a_transformer_saved_before_attention_dropout_resumes_without_it(tmp_path, capsys):
+    """A checkpoint whose training config has no attn_dropout or tie_weights (saved by the version before
+    them) resumes as the model it was: neither, whatever the defaults say now."""
+    from safetensors.torch import save as st_save
+
+    from handgrad import checkpoint
+
+    out = tmp_path / "old"
+    rc, _, err = run_cli(["train", "-o", out, "--model", "transformer", *SMALL, "--attn-dropout", "0", "--no-tie-weights",
+                          "--steps", "20", "--warmup", "5", "--stop-at", "10", *QUICK], capsys)
+    assert rc == 0, err
+    path = out / checkpoint.CHECKPOINT
+    tensors, metadata = checkpoint.read_safetensors(path)
+    meta = json.loads(metadata[checkpoint.HEADER_KEY])
+    for key in ("attn_dropout", "tie_weights"):
+        del meta["config"][key], meta["model_config"][key]
+    path.write_bytes(st_save(tensors, {**metadata, checkpoint.HEADER_KEY: json.dumps(meta)}))
+    rc, _, err = run_cli(["train", "-o", out, "--resume"], capsys)
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["attn_dropout"] == 0.0 and run["config"]["tie_weights"] is False
+
+
+def test_attention_dropout_and_tied_weights_belong_to_the_transformer(tmp_path, capsys):
+    from cli_run import assert_one_line_error
+
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "gru", "--attn-dropout", "0.1", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--attn-dropout 0.1: the gru has no attention; it belongs to --model transformer")
+    rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "mlp", "--tie-weights", *QUICK], capsys)
+    assert_one_line_error(rc, err, "--tie-weights: the mlp has no output layer to tie to a token table")
+
+
+def test_the_compiled_step_draws_the_eager_steps_dropout_masks(names_txt):
+    """Dropout's masks come from torch's own random kernels in the compiled step too (`fallback_random`):
+    from one generator state, the compiled and the eager transformer step, dropout and attention dropout
+    on, give the same loss and gradients to float32 rounding; other masks would move the loss by ~1e-2."""
+    import torch
+
+    from handgrad.data import make_sequence_dataset
+    from handgrad.fastpath import compiled_train_step, manual_step
+    from handgrad.model import ModelConfig, build_model
+
+    ds = make_sequence_dataset(names_txt)
+    config = ModelConfig(model="transformer", vocab_size=len(ds.vocab), block_size=ds.block_size, n_embd=16,
+                         n_hidden=32, n_layers=2, n_heads=2, dropout=0.3, attn_dropout=0.3, sequences=True)
+    eager, compiled = build_model(config, seed=1), build_model(config, seed=1)
+    step = compiled_train_step(compiled)
+    x, y = ds.X["train"][:32], ds.Y["train"][:32]
+    state = torch.get_rng_state()
+    try:
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                want = manual_step(eager, x, y)
+            torch.manual_seed(seed)
+            got = step(compiled, x, y)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            for (name, g), (_, h) in zip(compiled.net.named_grads(), eager.net.named_grads()):
+                torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5, msg=name)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            assert abs(float(manual_step(eager, x, y)) - float(want)) > 1e-3  # other masks: another loss
+    finally:
+        torch.set_rng_state(state)

@@ -379,7 +379,12 @@ def check_resumable(ckpt: Checkpoint, model_config: dict, data: dict) -> None:
     if saved.get("sha256") != data["sha256"]:
         raise HandgradError(f"the data differs from the data the checkpoint was trained on ({saved.get('source')}, "
                             f"{saved.get('items')} items); resuming needs the same file, unchanged")
-    if ckpt.meta.get("model_config") != model_config:
+    saved_model = ckpt.meta.get("model_config")
+    try:  # a key the saving version did not have yet takes its default: the model it had
+        saved_model = ModelConfig.from_dict(saved_model).to_dict()
+    except (HandgradError, TypeError, AttributeError):
+        pass  # malformed: reported below as it is
+    if saved_model != model_config:
         raise HandgradError(f"{ckpt.path}: its model config {ckpt.meta.get('model_config')} disagrees with its "
                             f"training config, which builds {model_config}")
 

@@ -98,6 +98,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=dropout_probability, default=None,
                    help="transformer and recurrent models: dropout probability after the embedding and after each "
                         "attention, MLP or recurrent layer, in training only (default: the model's)")
+    p.add_argument("--attn-dropout", type=dropout_probability, default=None, metavar="P",
+                   help="transformer: dropout probability of the attention weights, in training only "
+                        "(default: the model's)")
+    p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="transformer: the output layer projects onto the token table, one tensor whose "
+                        "gradients from both layers add (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="floating-point type of the weights and activations (default float32)")
@@ -333,7 +339,7 @@ def cmd_check(args) -> int:
     device = resolve_device(args.device)
     tc = TrainConfig(data=args.data, model=args.model, split=args.split, seed=args.seed, block_size=args.block_size,
                      n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=args.n_heads,
-                     dropout=args.dropout).resolved()
+                     dropout=args.dropout, attn_dropout=args.attn_dropout, tie_weights=args.tie_weights).resolved()
     ds = tc.dataset()
     mc = tc.model_config(len(ds.vocab), ds.block_size)
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
@@ -377,6 +383,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, split=args.split, block_size=args.block_size,
         n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=args.n_heads, dropout=args.dropout,
+        attn_dropout=args.attn_dropout, tie_weights=args.tie_weights,
         steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
         optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,

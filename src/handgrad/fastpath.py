@@ -273,8 +273,12 @@ class ReplayStep:
 
 
 def compile_options(model, options: dict | None = None) -> dict:
-    """The compiler's options for a step of `model`: `options`, and on a CPU the launcher in C++."""
+    """The compiler's options for a step of `model`: `options`, torch's own random kernels, and on a CPU
+    the launcher in C++."""
     options = dict(options or {})
+    # random draws (dropout's masks) from torch's own kernels, as the eager step makes them: the compiled
+    # step draws the same masks, and its own random kernels were no faster than these here
+    options.setdefault("fallback_random", True)
     if model.parameters()[0].device.type == "cpu":
         # the graph's launcher in C++ rather than Python: a few microseconds less per kernel
         # launched, most of a small batch's step once the kernels are fused; compiling takes longer

@@ -31,6 +31,7 @@ from .layers import (
     RNNCell,
     Sequential,
     Tanh,
+    TiedLinear,
 )
 from .loss import CrossEntropy, CrossEntropyStepwise
 
@@ -47,6 +48,8 @@ class ModelConfig:
     # the transformer's and recurrent models' dropout probability, after the embedding and after each
     # attention, MLP or recurrent layer (in training only); 0: no Dropout layers at all
     dropout: float = 0.0
+    attn_dropout: float = 0.0  # the transformer's dropout of attention weights (in training only)
+    tie_weights: bool = False  # the transformer's output layer projects onto the token table (TiedLinear)
     stepwise: bool = False  # stepwise forms (BatchNorm, cross-entropy, ...): every intermediate inspectable
     # a model of whole items (data.make_sequence_dataset): (batch, positions) ids in, a prediction at every
     # position out, the padding's targets ignored; else a model of one context (block_size ids) per example
@@ -283,10 +286,13 @@ def build_transformer(c: ModelConfig) -> Sequential:
     output Linear: a prediction at every position, each seeing only the positions before it.
     With `c.dropout` > 0, a Dropout after the embeddings and at the end of each attention and MLP
     branch (before the residual adds it), in training only.
+    With `c.attn_dropout` > 0, each attention also drops attention weights (in training only).
+    With `c.tie_weights`, the output layer is a `TiedLinear` onto the token table: one tensor, both
+    layers' gradients added into its one buffer.
     Initialisation: the embeddings at 0.1 of N(0, 1), so the residual stream starts small beside what
     the blocks add; each block's last projection (attention's output, the MLP's second Linear) scaled
     by 1/sqrt(2 n_layers), as the residual stream sums 2 n_layers of them; the output layer by 0.1, so
-    the first predictions are nearly uniform.
+    the first predictions are nearly uniform (a tied one is the table, at its 0.1).
     The fused form recomputes LayerNorm's and GELU's outputs in the backward rather than keeping them
     (`RecomputingSequential`); the stepwise form keeps every intermediate for the check to list."""
     attention = CausalSelfAttentionStepwise if c.stepwise else CausalSelfAttention
@@ -300,15 +306,18 @@ def build_transformer(c: ModelConfig) -> Sequential:
     layers = [("embedding", embedding), ("position", position), *dropout("dropout")]
     depth = (2 * c.n_layers) ** -0.5
     for i in range(1, c.n_layers + 1):
-        attn = attention(c.n_embd, c.n_heads, c.block_size)
+        attn = attention(c.n_embd, c.n_heads, c.block_size, dropout=c.attn_dropout)
         attn.params["proj_weight"].mul_(depth)
         proj = Linear(c.n_hidden, c.n_embd)
         proj.params["weight"].mul_(depth)
         layers.append((f"attn{i}", Residual(chain([("ln", norm(c.n_embd)), ("attn", attn), *dropout("dropout")]))))
         layers.append((f"mlp{i}", Residual(chain([("ln", norm(c.n_embd)), ("fc", Linear(c.n_embd, c.n_hidden)),
                                                   ("gelu", GELU()), ("proj", proj), *dropout("dropout")]))))
-    out = Linear(c.n_embd, c.vocab_size)
-    out.params["weight"].mul_(0.1)
+    if c.tie_weights:
+        out = TiedLinear(embedding)
+    else:
+        out = Linear(c.n_embd, c.vocab_size)
+        out.params["weight"].mul_(0.1)
     layers += [("ln_f", norm(c.n_embd)), ("output", out)]
     return chain(layers)
 
@@ -322,7 +331,7 @@ DEFAULTS = {
     "deep-mlp": dict(block_size=3, n_embd=10, n_hidden=100, n_layers=5),
     "wavenet": dict(block_size=8, n_embd=24, n_hidden=128, n_layers=3),
     # the sequence models' positions come from the data (its longest item and the end token)
-    "transformer": dict(n_embd=64, n_hidden=256, n_layers=4, n_heads=4, dropout=0.2),
+    "transformer": dict(n_embd=64, n_hidden=256, n_layers=4, n_heads=4, dropout=0.2, attn_dropout=0.1, tie_weights=False),
     # the recurrent models' sizes and dropout chosen by the tuning runs in docs/models.md
     "rnn": dict(n_embd=32, n_hidden=256, n_layers=1, dropout=0.2),
     "gru": dict(n_embd=32, n_hidden=128, n_layers=2, dropout=0.25),
@@ -338,9 +347,9 @@ TRAINING = {
                      batch_size=64),
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
-    # the transformer's recipe (and its dropout 0.2 in DEFAULTS) from the tuning runs in docs/models.md
-    "transformer": dict(optimizer="adamw", lr=2e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=20_000,
-                        batch_size=64, trim=4),
+    # the transformer's recipe (and its dropout 0.2 and attention dropout 0.1 in DEFAULTS) from the tuning runs in docs/models.md
+    "transformer": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=12_000,
+                        batch_size=128, trim=4),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
                 batch_size=128),
     "gru": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=8_000,

@@ -31,9 +31,11 @@ from .sample import generate
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers", "n_heads", "dropout")
+MODEL_SETTINGS = ("block_size", "n_embd", "n_hidden", "n_layers", "n_heads", "dropout", "attn_dropout", "tie_weights")
 ONLY_FOR = {  # model settings that only some families have: (those families, what the others lack)
     "n_heads": (("transformer",), "attention"),
+    "attn_dropout": (("transformer",), "attention"),
+    "tie_weights": (("transformer",), "output layer to tie to a token table"),
     "dropout": (("transformer", "rnn", "gru", "lstm"), "dropout layers"),
     "trim": (tuple(sorted(SEQUENCE_MODELS)), "batches of whole items to trim"),
 }
@@ -55,6 +57,8 @@ class TrainConfig:
     n_layers: int | None = None
     n_heads: int | None = None  # the transformer's attention heads
     dropout: float | None = None  # the transformer's and recurrent models' dropout probability
+    attn_dropout: float | None = None  # the transformer's dropout of attention weights
+    tie_weights: bool | None = None  # the transformer's output layer tied to the token table
     steps: int | None = None  # None here and below: the model's default (model.TRAINING)
     batch_size: int | None = None
     lr: float | None = None
@@ -141,9 +145,11 @@ def refuse_idle_settings(cfg: TrainConfig) -> None:
         raise HandgradError(f"--stop-at {cfg.stop_at:,} is beyond the run's {steps:,} steps (--steps): the run would "
                             f"end before it")
     for setting, (families, what) in ONLY_FOR.items():
-        if getattr(cfg, setting) is not None and cfg.model not in families:
-            raise HandgradError(f"{flag_name(setting)} {getattr(cfg, setting)}: the {cfg.model} has no {what}; it belongs to "
-                                f"--model {' or '.join(families)}")
+        value = getattr(cfg, setting)
+        if value is not None and cfg.model not in families:
+            given = ({True: flag_name(setting), False: flag_name(setting).replace("--", "--no-", 1)}.get(value)
+                     if isinstance(value, bool) else f"{flag_name(setting)} {value}")  # a switch: its flag
+            raise HandgradError(f"{given}: the {cfg.model} has no {what}; it belongs to --model {' or '.join(families)}")
     if cfg.model == "mlp" and cfg.n_layers not in (None, 1):
         raise HandgradError(f"--n-layers {cfg.n_layers}: the mlp has one hidden layer; --model deep-mlp stacks several")
 
@@ -734,6 +740,9 @@ def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkp
     if saved.get("stop_at") and saved["stop_at"] <= ckpt.step:
         saved["stop_at"] = 0  # the stop it made: done
     saved.setdefault("trim", 0)  # saved before batches were trimmed: it ran every batch at the data's width
+    if saved.get("model") == "transformer":  # saved before attention dropout and tied weights: it had neither
+        saved.setdefault("attn_dropout", 0.0)
+        saved.setdefault("tie_weights", False)
     try:
         cfg = TrainConfig(**{**saved, **changed, "out": str(out)})
     except TypeError as e:

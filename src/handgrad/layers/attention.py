@@ -7,7 +7,8 @@ Input and output (B, T, C); C = n_head * D. Per head h, position t:
     scores  = q k^T / sqrt(D)                          (T, T)
     masked  = scores where s <= t, -inf where s > t    (position t sees itself and the past only)
     att     = softmax(masked) over s
-    y       = att v                                    (T, D)
+    kept    = att * m        (in training with dropout p: m 1/k or 0 per weight, k ~ 1 - p, a saved mask; else att)
+    y       = kept v                                   (T, D)
     out     = merge(y over heads) Wo + bo
 
 The -inf entries make att exactly 0 at future positions, so the softmax's backward gives their
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HandgradError
-from .core import Module
+from .core import Module, dropout_mask
 
 
 def causal_mask(block_size: int) -> torch.Tensor:
@@ -32,21 +33,28 @@ class CausalSelfAttention(Module):
     softmax's backward in closed form.
 
     Keeps from the forward: the input (a reference to the tensor it was given) and the heads' q, k
-    and v (one tensor, (3, B*H, T, D)). Not kept, since the backward recomputes them from q, k and v
-    with the forward's own kernels (bit for bit the forward's values): the attention weights att
-    (B*H, T, T; one batched product and a softmax) and y = att v, the merged heads the output
-    projection read (B*T, C; one more product). The scores are never kept: the softmax's backward
-    needs only att.
+    and v (one tensor, (3, B*H, T, D)); with attention dropout, its mask. Not kept, since the
+    backward recomputes them from q, k and v with the forward's own kernels (bit for bit the
+    forward's values): the attention weights att (B*H, T, T; one batched product and a softmax), the
+    kept weights and y = kept v, the merged heads the output projection read (B*T, C; one more
+    product). The scores are never kept: the softmax's backward needs only att.
 
     Parameters: qkv_weight (C, 3C) and qkv_bias (3C), whose columns are q's, then k's, then v's, each
     head's D columns in turn; proj_weight (C, C) and proj_bias (C). `block_size` is the longest
     context the layer accepts (the causal mask is made once at that size).
+
+    `dropout` p > 0: in training, each attention weight is dropped with probability p and the rest
+    scaled by its inverse keep probability before they weigh the values (`dropout_mask`); the mask
+    (B*H, T, T) is kept for the backward.
     """
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool = True, dropout: float = 0.0):
         super().__init__()
         if n_embd % n_head:
             raise HandgradError(f"attention: {n_embd} channels do not split into {n_head} heads of equal width")
+        if not 0 <= dropout < 1:
+            raise HandgradError(f"attention: dropout probability must be in [0, 1), got {dropout}")
+        self.dropout = dropout
         self.n_embd, self.n_head, self.block_size = n_embd, n_head, block_size
         self.head_dim = n_embd // n_head
         self.scale = self.head_dim**-0.5
@@ -83,10 +91,21 @@ class CausalSelfAttention(Module):
         # one copy into head-major order: q, k, v each (B*H, T, D), contiguous for the batched products
         heads = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, D)
         att = self.attention_weights(heads)
-        y = torch.bmm(att, heads[2])  # att v, (B*H, T, D)
+        kept = self.drop_weights(att, B)
+        y = torch.bmm(kept, heads[2])  # kept v, (B*H, T, D)
         merged = y.view(B, H, T, D).transpose(1, 2).reshape(B * T, C)
         self.saved["x"], self.saved["heads"] = x2, heads
         return self.project(merged, "proj_weight", "proj_bias").view(B, T, C)
+
+    def drop_weights(self, att, B: int):
+        """att with dropout's mask applied, in training with p > 0 (the mask kept as saved["att_mask"]);
+        else att itself. The mask is drawn over (B, H, T, T), the batch first (`dropout_mask`)."""
+        if not self.training or self.dropout == 0:
+            self.saved.pop("att_mask", None)
+            return att
+        H, T = self.n_head, att.shape[-1]
+        mask = self.saved["att_mask"] = dropout_mask(att.view(B, H, T, T), self.dropout).view(att.shape)
+        return att * mask
 
     def attention_weights(self, heads):
         """att = softmax(q k^T / sqrt(D) + mask) over keys, (B*H, T, T), from the heads (3, B*H, T, D)."""
@@ -97,29 +116,37 @@ class CausalSelfAttention(Module):
         # written over the scores unless autograd is recording this forward
         return torch.softmax(scores, -1, out=None if torch.is_grad_enabled() else scores)
 
-    # out = merged Wo + bo,  y = att v,  att = softmax(q k^T / sqrt(D) + mask),  q k v = x Wqkv + bqkv:
+    # out = merged Wo + bo,  y = kept v,  kept = att * m,  att = softmax(q k^T / sqrt(D) + mask),  q k v = x Wqkv + bqkv:
     # d masked = att * (d att - sum_s(d att * att))  (the softmax's Jacobian, 0 wherever att is 0);
-    # dq = d scores k / sqrt(D),  dk = d scores^T q / sqrt(D),  dv = att^T dy,  d att = dy v^T
+    # dq = d scores k / sqrt(D),  dk = d scores^T q / sqrt(D),  dv = kept^T dy,  d att = (dy v^T) * m
     def backward(self, dout):
-        x2, heads = self.saved["x"], self.saved["heads"]
+        x2, heads, mask = self.saved["x"], self.saved["heads"], self.saved.get("att_mask")
         B, T, C = dout.shape
         H, D = self.n_head, self.head_dim
         q, k, v = heads[0], heads[1], heads[2]
         dout2 = dout.reshape(B * T, C)
         att = self.attention_weights(heads)  # recomputed, as the forward computed them
-        merged = torch.bmm(att, v).view(B, H, T, D).transpose(1, 2).reshape(B * T, C)  # recomputed: one product
+        kept = att if mask is None else att * mask
+        merged = torch.bmm(kept, v).view(B, H, T, D).transpose(1, 2).reshape(B * T, C)  # recomputed: one product
         self.accumulate(dout2, merged, "proj_weight", "proj_bias")
         dmerged = F.linear(dout2, self.params["proj_weight"])  # dout Wo^T
         dy = dmerged.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D)
-        datt = torch.bmm(dy, v.transpose(1, 2))
+        datt = torch.bmm(dy, v.transpose(1, 2))  # d kept, then d att
+        if mask is not None:
+            datt = self.dropout_backward(datt, mask)
         dscores = self.softmax_backward(att, datt).mul_(self.scale)  # the 1 / sqrt(D) of both products, once
         dheads = torch.empty_like(heads)
         torch.bmm(dscores, k, out=dheads[0])
         torch.bmm(dscores.transpose(1, 2), q, out=dheads[1])
-        torch.bmm(att.transpose(1, 2), dy, out=dheads[2])
+        torch.bmm(kept.transpose(1, 2), dy, out=dheads[2])
         dqkv = dheads.view(3, B, H, T, D).permute(1, 3, 0, 2, 4).reshape(B * T, 3 * C)
         self.accumulate(dqkv, x2, "qkv_weight", "qkv_bias")
         return F.linear(dqkv, self.params["qkv_weight"]).view(B, T, C)  # dqkv Wqkv^T
+
+    @staticmethod
+    def dropout_backward(dkept, mask):
+        """d att = d kept * m: a dropped weight's gradient is 0, a kept one's scaled as the weight was."""
+        return dkept.mul_(mask)
 
     @staticmethod
     def softmax_backward(att, datt):
@@ -136,10 +163,10 @@ class CausalSelfAttention(Module):
 class CausalSelfAttentionStepwise(CausalSelfAttention):
     """Causal self-attention as a chain of small steps, every intermediate kept by name (the same
     parameters as the fused form, the same math):
-    qkv -> q, k, v (B, H, T, D) -> scores -> masked -> att -> y -> merged (B, T, C) -> out.
+    qkv -> q, k, v (B, H, T, D) -> scores -> masked -> att -> (kept, with dropout) -> y -> merged (B, T, C) -> out.
     """
 
-    inspectable = ("qkv", "q", "k", "v", "scores", "masked", "att", "y", "merged")
+    inspectable = ("qkv", "q", "k", "v", "scores", "masked", "att", "kept", "y", "merged")
 
     def forward(self, x):
         self.check_input(x)
@@ -156,7 +183,12 @@ class CausalSelfAttentionStepwise(CausalSelfAttention):
         s["future"] = self.mask[:T, :T] != 0  # True where the key comes after the query
         s["masked"] = s["scores"].masked_fill(s["future"], float("-inf"))
         s["att"] = torch.softmax(s["masked"], dim=-1)
-        s["y"] = s["att"] @ s["v"]
+        if self.training and self.dropout > 0:
+            s["att_mask"] = dropout_mask(s["att"], self.dropout)  # (B, H, T, T): the batch first
+            s["kept"] = s["att"] * s["att_mask"]
+        else:
+            s.pop("att_mask", None), s.pop("kept", None)
+        s["y"] = s.get("kept", s["att"]) @ s["v"]
         s["merged"] = s["y"].transpose(1, 2).reshape(B, T, C)
         out = s["merged"] @ self.params["proj_weight"]
         return out + self.params["proj_bias"] if "proj_bias" in self.params else out
@@ -172,9 +204,15 @@ class CausalSelfAttentionStepwise(CausalSelfAttention):
         g["merged"] = dout @ self.params["proj_weight"].T
         # merged = the heads side by side: split them back
         g["y"] = g["merged"].reshape(B, T, H, D).transpose(1, 2)
-        # y = att v:  d att = dy v^T,  dv = att^T dy
-        g["att"] = g["y"] @ s["v"].transpose(2, 3)
-        g["v"] = s["att"].transpose(2, 3) @ g["y"]
+        if "kept" in s:
+            # y = kept v:  d kept = dy v^T,  dv = kept^T dy;  kept = att * m:  d att = d kept * m
+            g["kept"] = g["y"] @ s["v"].transpose(2, 3)
+            g["v"] = s["kept"].transpose(2, 3) @ g["y"]
+            g["att"] = self.dropout_backward(g["kept"].clone(), s["att_mask"])
+        else:
+            # y = att v:  d att = dy v^T,  dv = att^T dy
+            g["att"] = g["y"] @ s["v"].transpose(2, 3)
+            g["v"] = s["att"].transpose(2, 3) @ g["y"]
         # att = softmax(masked):  d masked = att * (d att - sum_s(d att * att))
         g["masked"] = s["att"] * (g["att"] - (g["att"] * s["att"]).sum(-1, keepdim=True))
         # masked = scores where the key is not in the future, a constant (-inf) where it is

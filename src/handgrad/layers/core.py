@@ -16,6 +16,8 @@ Conventions (as in torch.nn):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -577,9 +579,32 @@ class GELU(Module):
         return two_du.mul_(x_not_s).add_(1).mul_(s).mul_(dout)
 
 
+def keep_probability(p: float) -> float:
+    """What a dropout mask of probability p keeps: 1 - p to the nearest 1/2^16 (within 8e-6 of it),
+    as `dropout_mask` draws 16-bit numbers."""
+    return max(1, round((1 - p) * 2**16)) / 2**16
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A mask of x's shape: each entry 1 / k with probability k = keep_probability(p), else 0 (its mean
+    exactly 1), from torch's default generator. Each 64-bit draw gives four 16-bit numbers, and an
+    entry is kept where its number falls below k 2^16: bernoulli_ draws one number per entry and took
+    1.45 ms for 128 x 12 x 64 entries here, on one thread or two, against 0.32 ms. In a data-parallel
+    step, each rank draws the whole batch's mask (dim 0 the batch) and keeps its own rows: the very
+    draws of one process."""
+    shard = parallel.active()
+    shape = x.shape if shard is None else shard.whole_batch_shape(x)
+    n, k = math.prod(shape), keep_probability(p)
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    numbers = words.view(torch.int16)[:n].view(shape)  # uniform over -2^15 .. 2^15 - 1
+    mask = (numbers < round(k * 2**16) - 2**15).to(x.dtype).mul_(1 / k)
+    return mask if shard is None else shard.own_rows(mask)
+
+
 class Dropout(Module):
-    """In training, each entry kept with probability 1 - p and scaled by 1 / (1 - p) (the mask drawn from
-    torch's default generator, kept for the backward), else zeroed; in eval (or with p = 0), the identity.
+    """In training, each entry kept with probability 1 - p (to 1/2^16, `keep_probability`) and scaled by
+    its inverse, else zeroed (`dropout_mask`, the mask kept for the backward); in eval (or with p = 0),
+    the identity.
     A replayed step (`fastpath.ReplayStep`) records the draw and draws anew on every replay. In a
     data-parallel step, each rank draws the whole batch's mask and keeps its own rows."""
 
@@ -593,13 +618,7 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self.saved.pop("mask", None)  # no mask: this call's backward is the identity too
             return x
-        shard = parallel.active()
-        if shard is None:
-            mask = torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)  # 0 or 1 / (1 - p)
-        else:  # this rank's rows of the whole batch's mask: the very draws of one process
-            whole = x.new_empty(shard.whole_batch_shape(x)).bernoulli_(1 - self.p).div_(1 - self.p)
-            mask = shard.own_rows(whole)
-        self.saved["mask"] = mask
+        mask = self.saved["mask"] = dropout_mask(x, self.p)
         return x * mask
 
     # out = x * mask:  dx = dout * mask (the identity where no mask was drawn)
