@@ -211,6 +211,7 @@ def test_the_compiled_step_draws_the_eager_steps_dropout_masks(names_txt):
     from handgrad.fastpath import compiled_train_step, manual_step
     from handgrad.model import ModelConfig, build_model
 
+    torch._dynamo.reset()  # the compiled steps of earlier tests count towards the compiler's recompile limit
     ds = make_sequence_dataset(names_txt)
     config = ModelConfig(model="transformer", vocab_size=len(ds.vocab), block_size=ds.block_size, n_embd=16,
                          n_hidden=32, n_layers=2, n_heads=2, dropout=0.3, attn_dropout=0.3, sequences=True)
