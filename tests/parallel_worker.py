@@ -1,7 +1,10 @@
-"""What the ranks of the data-parallel tests run (started by torch.multiprocessing, gloo over local TCP).
+"""What the ranks of the data-parallel tests run (started by torch.multiprocessing, gloo over local TCP,
+the sums through shared memory as in a run that torchrun starts on one machine).
 
 Each scenario runs on every rank and rank 0 saves what the test compares (torch.save to `out`)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -17,6 +20,7 @@ def run_ranks(scenario, world: int, *args) -> None:
 
 def entry(rank: int, world: int, port: int, scenario, args) -> None:
     torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # every rank on this machine, as torchrun says it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         scenario(rank, world, *args)
@@ -89,8 +93,6 @@ def sharded_gradients(rank: int, world: int, name: str, data: str, out: str) -> 
 def compiled_table_gradients(rank: int, world: int, data: str, out: str) -> None:
     """The compiled step's gradients (float64) on each rank's rows of a batch large enough for the fused
     table layer (its counts summed over the ranks), after the gradients' sum."""
-    import os
-
     from handgrad import parallel
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{os.path.dirname(out)}/compiled-{rank}"  # a fresh compile, each rank its own
@@ -128,3 +130,89 @@ def diverging_ranks(rank: int, world: int, data: str, folder: str, out: str) -> 
     dist.all_gather_object(messages, message)
     if rank == 0:
         torch.save(messages, out)
+
+
+def sums_over_ranks(rank: int, world: int, out: str) -> None:
+    """Each rank's tensors (float32, float64, int64; one number, a few, more than the shared file first
+    holds, a strided view) and what `Group.all_reduce_` makes of them, SUM and MAX, through shared memory
+    and through gloo; then a hundred sums in a row, each of the last one's result; then a tensor for which
+    the shared file cannot grow. Every rank saves its own."""
+    from handgrad import local_sum, parallel
+
+    group = parallel.join(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(100 + rank)
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        for n in (1, 7, 5000, 100_000):
+            if dtype.is_floating_point:  # values of every size: their sums round
+                scale = 10.0 ** torch.randint(-30, 30, (n,), generator=gen)
+                x = (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            else:
+                x = torch.randint(-2**40, 2**40, (n,), generator=gen)
+            for op in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+                shared, by_gloo = x.clone(), x.clone()
+                group.all_reduce_(shared, op=op)
+                dist.all_reduce(by_gloo, op=op)
+                cases.append((str(dtype), n, str(op), x, shared, by_gloo))
+    wide = torch.randn(6, 8, generator=gen)
+    wide_before = wide.clone()
+    strided = wide[:, ::2]  # not contiguous: summed in a copy, written back
+    group.wait(group.all_reduce_(strided, async_op=True))
+    chain = []
+    t = torch.tensor([1.0 + rank], dtype=torch.float64)
+    for _ in range(100):  # the two sets of slots used in turn, again and again
+        group.all_reduce_(t)
+        chain.append(float(t))
+        t.mul_(0.25).add_(rank)
+    local_sum._make_file = lambda size: None  # as where /dev/shm is full: no room for a larger tensor
+    seq = group.local.seq
+    larger = torch.full((group.local.slot_bytes // 4 + 1,), 1.0 + rank)
+    group.all_reduce_(larger)  # through gloo, and every larger one after it
+    after = torch.tensor([1.0 + rank])
+    group.all_reduce_(after)  # through shared memory still
+    fallback = {"larger": float(larger.min()), "limit": group.local.limit == group.local.slot_bytes,
+                "after": float(after), "sums": group.local.seq - seq}
+    torch.save({"summed_by": group.summed_by, "cases": cases, "wide": (wide_before, wide), "chain": chain,
+                "fallback": fallback}, f"{out}-{rank}.pt")
+
+
+def either_sum(rank: int, world: int, data: str, folder: str, out: str) -> None:
+    """A short run summed through shared memory, then the same run with the group's sums left to gloo."""
+    from handgrad import fit, parallel
+
+    group = parallel.join(torch.device("cpu"))
+    used = []
+    for name in ("shared", "gloo"):
+        if name == "gloo":
+            group.local = None
+        used.append(group.summed_by)
+        model, ds = model_and_data("mlp", torch.float32, data=data)
+        fit(model, ds, out=f"{folder}/{name}", steps=30, batch_size=64, eval_every=10, log_every=5, check=False,
+            num_samples=0)
+    if rank == 0:
+        torch.save(used, out)
+
+
+def a_rank_that_is_gone(rank: int, world: int, out: str) -> None:
+    """Rank 0 waits in a sum that rank 1 never makes: a signal's handler (the launcher's SIGTERM, as
+    `join` installs it) interrupts the wait; then rank 1 exits, and the next sum says so."""
+    import signal
+    import time
+
+    from handgrad import parallel
+
+    group = parallel.join(torch.device("cpu"))
+    if rank != 0:
+        time.sleep(1.0)
+        os._exit(0)
+    messages = []
+    signal.signal(signal.SIGALRM, parallel.stopped_by_launcher)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    for _ in range(2):
+        start = time.monotonic()
+        try:
+            group.all_reduce_(torch.ones(3))
+            messages.append(None)
+        except parallel.RankError as e:
+            messages.append((str(e), time.monotonic() - start))
+    torch.save({"summed_by": group.summed_by, "messages": messages}, out)

@@ -1,10 +1,12 @@
 """Data-parallel training: N processes follow the one-process run (parallel.py, train.fit).
 
-The ranks run in processes of their own (gloo over local TCP): through torch.multiprocessing for the
-Python API (tests/parallel_worker.py), through torchrun for the command line (test_parallel_cli.py)."""
+The ranks run in processes of their own (gloo over local TCP, the sums through shared memory:
+local_sum.py): through torch.multiprocessing for the Python API (tests/parallel_worker.py), through
+torchrun for the command line (test_parallel_cli.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +108,86 @@ def test_ranks_that_drift_apart_stop_the_run(tmp_path, names_txt):
         assert m is not None and m.startswith("HandgradError: step 10: the processes' weights or optimizer state differ")
 
 
+def test_the_shared_memory_sum_is_exact_and_the_same_on_every_rank(tmp_path):
+    """SUM and MAX over two ranks, float32, float64 and int64, through shared memory: the two ranks'
+    tensors added (or compared) as one process adds them, bit for bit gloo's, and the same bits on both
+    ranks, including a tensor larger than the shared file first holds (it grows) and a strided one; gloo
+    where it cannot grow."""
+    pw.run_ranks(pw.sums_over_ranks, 2, str(tmp_path / "sums"))
+    ranks = [torch.load(tmp_path / f"sums-{r}.pt") for r in range(2)]
+    assert [r["summed_by"] for r in ranks] == ["shared memory"] * 2
+    assert len(ranks[0]["cases"]) == 3 * 4 * 2
+    for a, b in zip(ranks[0]["cases"], ranks[1]["cases"]):
+        (dtype, n, op, x0, shared, by_gloo), x1 = a, b[3]
+        expected = x0 + x1 if op.endswith("SUM") else torch.maximum(x0, x1)
+        assert torch.equal(shared, expected), (dtype, n, op)
+        assert torch.equal(shared, by_gloo), (dtype, n, op)
+        assert torch.equal(shared.view(-1).view(torch.uint8), b[4].view(-1).view(torch.uint8)), (dtype, n, op)
+    (w0, summed0), (w1, summed1) = ranks[0]["wide"], ranks[1]["wide"]
+    assert torch.equal(summed0[:, ::2], w0[:, ::2] + w1[:, ::2]) and torch.equal(summed1[:, ::2], summed0[:, ::2])
+    assert torch.equal(summed0[:, 1::2], w0[:, 1::2])  # the strided view summed, the columns between left as they were
+    expected, t = [], [1.0, 2.0]
+    for _ in range(100):
+        total = t[0] + t[1]
+        expected.append(total)
+        t = [total * 0.25 + r for r in range(2)]
+    assert ranks[0]["chain"] == ranks[1]["chain"] == expected
+    for r in ranks:  # a tensor the file could not grow for went to gloo; the next small one did not
+        assert r["fallback"] == {"larger": 3.0, "limit": True, "after": 3.0, "sums": 1}
+
+
+def test_a_local_run_sums_through_shared_memory_and_gloo_gives_the_same_losses(tmp_path, names_txt):
+    pw.run_ranks(pw.either_sum, 2, str(names_txt), str(tmp_path), str(tmp_path / "used.pt"))
+    assert torch.load(tmp_path / "used.pt") == ["shared memory", "gloo"]
+    shared, by_gloo = ([{k: v for k, v in r.items() if k != "elapsed"} for r in logged(tmp_path / name)]
+                       for name in ("shared", "gloo"))
+    assert shared == by_gloo and len(shared) > 6  # a sum of two numbers: the same either way, bit for bit
+
+
+def test_a_wait_for_a_rank_is_interrupted_by_a_signal_and_ends_when_the_rank_is_gone(tmp_path):
+    pw.run_ranks(pw.a_rank_that_is_gone, 2, str(tmp_path / "gone.pt"))
+    got = torch.load(tmp_path / "gone.pt")
+    assert got["summed_by"] == "shared memory"
+    (stopped, t_stopped), (lost, t_lost) = got["messages"]
+    assert stopped.startswith("rank 0: stopped by the launcher") and t_stopped < 1.0
+    assert re.fullmatch(r"rank 0 of 2: another process of the run stopped or cannot be reached \(rank 1's process "
+                        r"\d+ has exited\); the run folder's last checkpoint is left as it was", lost), lost
+    assert t_lost < 3.0  # rank 1 exits 0.7 s into this wait, which looks every 0.5 s
+
+
+def test_the_shared_memory_sum_applies_to_gloo_ranks_all_on_this_machine(monkeypatch):
+    from handgrad import local_sum
+
+    monkeypatch.delenv("HANDGRAD_LOCAL_SUM", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert local_sum.why_not("gloo", 2) is None
+    assert local_sum.why_not("nccl", 2) == "backend nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun --nnodes 2 --nproc-per-node 1, even on one machine
+    assert "not every rank is on this machine" in local_sum.why_not("gloo", 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a group formed by the caller, who did not say
+    assert "not every rank is on this machine" in local_sum.why_not("gloo", 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("HANDGRAD_LOCAL_SUM", "0")
+    assert local_sum.why_not("gloo", 2) == "HANDGRAD_LOCAL_SUM=0"
+    assert parallel.Group(0, 2, "gloo").summed_by == "gloo"
+
+
+def test_a_process_that_has_exited_is_gone_even_before_it_is_reaped():
+    import os
+    import subprocess
+    import sys
+
+    from handgrad import local_sum
+
+    assert local_sum.start_time(os.getpid()) > 0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie, which os.kill still finds
+    os.kill(child.pid, 0)
+    assert local_sum.start_time(child.pid) is None
+    child.wait()
+    assert local_sum.start_time(child.pid) is None
+
+
 def test_rows_split_the_batch_in_order():
     for n in (1, 2, 7, 32, 37):
         for world in (1, 2, 3, 4):
@@ -170,11 +252,13 @@ def test_the_processes_bench_reports_each_configuration_against_one_process(name
     from handgrad.parallel_bench import ParallelBenchConfig, format_parallel_table, run_parallel_bench
 
     cfg = ParallelBenchConfig(processes=(1, 2), batch_size=64, data=str(names_txt), rounds=1, seconds=0.2,
-                              steps=("eager",))
+                              steps=("eager",), reduces=("buckets",))  # three runs: one process, two with each sum
     report = run_parallel_bench(cfg, log=lambda line: None)
-    rows = {(r["step"], r["processes"], r["reduce"]): r for r in report["results"]}
-    assert set(rows) == {("eager", 1, "none"), ("eager", 2, "once"), ("eager", 2, "buckets")}
-    assert rows[("eager", 1, "none")]["vs_1_process"] == 1.0
+    rows = {(r["step"], r["processes"], r["reduce"], r["sum"]): r for r in report["results"]}
+    one = ("eager", 1, "none", "none")
+    assert set(rows) == {one, ("eager", 2, "buckets", "shared"), ("eager", 2, "buckets", "gloo")}
+    assert rows[one]["vs_1_process"] == 1.0
     for r in rows.values():
-        assert r["steps_per_s"] > 0 and r["vs_1_process"] == r["steps_per_s"] / rows[("eager", 1, "none")]["steps_per_s"]
-    assert "buckets" in format_parallel_table(report)
+        assert r["steps_per_s"] > 0 and r["vs_1_process"] == r["steps_per_s"] / rows[one]["steps_per_s"]
+    table = format_parallel_table(report)
+    assert "buckets" in table and "shared" in table and "gloo" in table

@@ -14,7 +14,7 @@ import pytest
 from conftest import NAMES_TXT
 from safetensors.torch import load_file
 
-from handgrad import checkpoint
+from handgrad import checkpoint, local_sum
 from handgrad.parallel_bench import free_port
 
 BIN = Path(sys.executable).parent
@@ -184,13 +184,16 @@ def train_and_kill_one_worker(out: Path, restarts: int) -> tuple[subprocess.Comp
     return subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr), time.monotonic() - killed
 
 
-def test_a_killed_worker_stops_the_other_and_leaves_the_checkpoint(tmp_path, names_txt):
+def test_a_killed_worker_stops_the_other_and_leaves_the_checkpoint(tmp_path, names_txt, monkeypatch):
     out = tmp_path / "killed"
     done, seconds = train_and_kill_one_worker(out, restarts=0)
     assert done.returncode != 0 and seconds < 60
     ours = [line for line in done.stderr.splitlines() if line.startswith("handgrad:")]
     assert len(ours) == 1 and ours[0].startswith("handgrad: error: rank 0")
     assert "last checkpoint is left as it was" in ours[0]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as torchrun set it for the two
+    if local_sum.why_not("gloo", 2) is None:  # they summed through shared memory: the survivor saw the process gone
+        assert "(rank 1's process " in ours[0] and " has exited)" in ours[0], ours[0]
     evaluated = run(handgrad("eval", "-o", str(out)))
     assert evaluated.returncode == 0, evaluated.stderr
 

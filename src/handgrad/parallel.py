@@ -19,6 +19,10 @@ batch is made global by hand:
 
 So N processes follow the one-process run's trajectory, up to the order of floating-point sums.
 The layers ask `active()` for the shard the step runs on: None outside a sharded step.
+
+Where every rank is on this machine, the sums go through shared memory (local_sum.py) rather than
+gloo's TCP, whose latency outweighed a step's arithmetic here (docs/parallel.md); gloo still forms the
+group, agrees on the shared file and sums what that cannot take.
 """
 from __future__ import annotations
 
@@ -28,19 +32,21 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from . import local_sum
 from .errors import HandgradError
 
 # How long a collective waits for the other ranks before the run stops (a rank that died closes its
-# sockets, which the others see at once; this bounds a rank that hangs instead).
+# sockets, which the others see at once, or is seen gone within 0.5 s by a shared-memory sum's wait; this
+# bounds a rank that hangs instead).
 TIMEOUT_S = 60
 REDUCE_MODES = ("once", "buckets")
-# `--reduce buckets`: about this many buckets over the gradient buffer. A sum's cost here is mostly its latency
-# (1.4-2.1 ms over local TCP on the project's machine, docs/parallel.md), not its bytes: a few buckets can
-# overlap the backward, many would add up
+# `--reduce buckets`: about this many buckets over the gradient buffer. Over gloo a sum's cost here is mostly
+# its latency (1.4-2.1 ms over local TCP on the project's machine, docs/parallel.md), not its bytes: a few
+# buckets can overlap the backward, many would add up (the shared-memory sum is synchronous: no overlap)
 BUCKETS = 4
 
 
@@ -111,6 +117,13 @@ class Group:
     world: int
     backend: str
     device: torch.device = torch.device("cpu")  # where the tensors it sums must lie (NCCL: the rank's GPU)
+    # the sum through shared memory where every rank is on this machine (`join` sets it); None: the backend's
+    local: local_sum.SharedMemorySum | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def summed_by(self) -> str:
+        """What sums the tensors: "shared memory", or the backend (gloo, nccl)."""
+        return "shared memory" if self.local is not None else self.backend
 
     @property
     def writes(self) -> bool:
@@ -125,11 +138,18 @@ class Group:
 
     def all_reduce_(self, t: torch.Tensor, op=None, async_op: bool = False):
         """Sum (or `op`) `t` over the ranks, in place; a rank that is gone becomes one HandgradError.
-        With `async_op`, a handle to `wait` on."""
+        With `async_op`, a handle to `wait` on (the shared-memory sum is made at once, its handle done)."""
         import torch.distributed as dist
 
+        op = op or dist.ReduceOp.SUM
+        if self.local is not None and self.local.takes(t, op):
+            try:
+                if self.local.all_reduce_(t, op):
+                    return local_sum.DONE if async_op else None
+            except local_sum.LostRank as e:
+                raise lost_contact(self, e) from None
         try:
-            return dist.all_reduce(t, op=op or dist.ReduceOp.SUM, async_op=async_op)
+            return dist.all_reduce(t, op=op, async_op=async_op)
         except RuntimeError as e:
             raise lost_contact(self, e) from None
 
@@ -155,7 +175,8 @@ _group: Group | None = None
 def join(device: torch.device) -> Group | None:
     """Join the processes a launcher started (WORLD_SIZE > 1 in the environment), or the group the caller
     formed already (torch.distributed initialised); None for a run of one process. gloo connects CPU
-    processes, NCCL GPU ones (each rank on the GPU of its LOCAL_RANK)."""
+    processes, NCCL GPU ones (each rank on the GPU of its LOCAL_RANK); CPU processes that are all on
+    this machine sum through shared memory (`local_sum.why_not` says when they do not)."""
     global _group
     import torch.distributed as dist
 
@@ -185,9 +206,16 @@ def join(device: torch.device) -> Group | None:
     if dist.get_world_size() <= 1:
         return None
     backend = str(dist.get_backend())
-    _group = Group(dist.get_rank(), dist.get_world_size(), backend, device if backend == "nccl" else torch.device("cpu"))
+    group = Group(dist.get_rank(), dist.get_world_size(), backend, device if backend == "nccl" else torch.device("cpu"))
     if _in_main_thread():
         signal.signal(signal.SIGTERM, stopped_by_launcher)
+    if backend == "gloo":
+        try:
+            group.local = local_sum.SharedMemorySum.open(group.rank, group.world, TIMEOUT_S,
+                                                         wanted=local_sum.why_not(backend, group.world) is None)
+        except local_sum.LostRank as e:
+            raise lost_contact(group, e) from None
+    _group = group
     return _group
 
 
