@@ -57,8 +57,11 @@ def test_attention_without_biases(cls):
 def test_attention_passes_in_float32(cls, shape):
     B, T, C, H, block = shape
     layer = attention(cls, C, H, block, dtype=torch.float32)
+    # these gradients' entries reach about 40, where a float32 step is 4e-6: the input's and qkv weight's
+    # differ from autograd's by up to 1.1e-5 (relative 3.4e-7) on an AMD EPYC core, within 1e-5 on an
+    # Intel Xeon; the relative bound stays float32's own
     assert_ok(check_layer(layer, randn(B, T, C, seed=1, dtype=torch.float32),
-                          dout=randn(B, T, C, seed=2, dtype=torch.float32)))
+                          dout=randn(B, T, C, seed=2, dtype=torch.float32), atol=3e-5))
 
 
 def test_fused_and_stepwise_compute_the_same_numbers():
@@ -178,7 +181,7 @@ def test_the_fused_form_keeps_its_input_and_the_heads_only():
         stepwise.params[name].copy_(p)
     with torch.no_grad():
         stepwise.forward(x)
-        att = layer.attention_weights(layer.saved["heads"])
+        att = layer.saved_attention()
     assert att.shape == (3 * 2, 6, 6)
     torch.testing.assert_close(att, stepwise.saved["att"].reshape(6, 6, 6), rtol=0, atol=1e-14)
     # float64: the mask moved with the layer

@@ -122,7 +122,7 @@ def test_trim_defaults_and_belongs_to_sequence_models(tmp_path, capsys):
 
     from handgrad.train import TrainConfig
 
-    assert TrainConfig(model="transformer").resolved().trim == 4
+    assert TrainConfig(model="transformer", pack=False).resolved().trim == 4  # packed by default: nothing to trim
     assert TrainConfig(model="lstm").resolved().trim == 0 and TrainConfig(model="mlp").resolved().trim == 0
     rc, _, err = run_cli(["train", "-o", tmp_path / "r", "--model", "mlp", "--trim", "4", *QUICK], capsys)
     assert_one_line_error(rc, err, "--trim 4: the mlp has no batches of whole items to trim")

@@ -19,7 +19,8 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
 - `manual-cudagraph` (GPU): `fastpath.CudaGraphStep`, the eager manual step
   recorded once as a CUDA graph and replayed; `manual-cudagraph-xK`: K steps per replay.
 
-All start from the same initial weights and draw batches from the same data.
+All start from the same initial weights and draw batches from the same data, packed several items
+to a row where the family's training packs them (the transformer; `--no-pack`: one item a row).
 Each is warmed up first (compilation included there, and reported), then the
 implementations take turns, round after round. `steps_per_s` is the best
 round (slower rounds measure whatever else the machine was doing), with the
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .data import pack_batch
 from .errors import HandgradError
 from .fastpath import CompiledStep, CudaGraphStep, ReplayStep, manual_step
 from .layers import Linear
@@ -83,6 +85,7 @@ class Runner:
     """One implementation at one batch size: `run(n)` takes n training steps (n a multiple of `chunk`)."""
 
     chunk = 1
+    pack = False  # each batch's items packed several to a row (`data.pack_batch`), as the transformer trains
 
     def __init__(self, model_config: ModelConfig, batch_size: int, X, Y, device, seed: int):
         self.batch_size, self.X, self.Y, self.device = batch_size, X, Y, device
@@ -95,7 +98,8 @@ class Runner:
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch drawn as `handgrad train` draws it (the same for every eager implementation)."""
         idx = self.draw(self.batch_size)
-        return self.X.index_select(0, idx), self.Y.index_select(0, idx)
+        x, y = self.X.index_select(0, idx), self.Y.index_select(0, idx)
+        return pack_batch(x, y) if self.pack else (x, y)
 
     def run(self, n: int) -> None:
         raise NotImplementedError
@@ -130,6 +134,10 @@ class CompiledRunner(Runner):
         self.chunk = steps_per_call
 
     def run(self, n):
+        if self.pack:  # packed on the CPU between steps, as training packs: one step a call
+            for _ in range(n):
+                self.step(*self.batch(), None, LR)
+            return
         for _ in range(n // self.chunk):
             self.step(self.X, self.Y, self.draw(self.chunk, self.batch_size), LR)
 
@@ -291,6 +299,7 @@ class BenchConfig:
     data: str | None = None
     seed: int = 42
     model: str = "mlp"  # the seed's, or any family with its default sizes
+    pack: bool | None = None  # batches packed several items to a row; None: as the family trains
 
 def machine_info(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
@@ -319,7 +328,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
     threads = require_threads(cfg.threads)
     device = resolve_device(cfg.device)
     torch.set_num_threads(threads)
-    tc = TrainConfig(model=cfg.model, data=cfg.data).resolved()
+    tc = TrainConfig(model=cfg.model, data=cfg.data, pack=cfg.pack).resolved()
     ds = tc.dataset()
     X, Y = ds.X["train"].to(device), ds.Y["train"].to(device)
     mc = tc.model_config(len(ds.vocab), ds.block_size)
@@ -328,10 +337,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
     results, matmul = [], []
     for batch in cfg.batch_sizes:
         if cfg.model != "mlp":
-            memory.append({"batch_size": batch, **saved_bytes(build_model(mc, seed=cfg.seed, device=device), X, Y, batch)})
+            memory.append({"batch_size": batch, **saved_bytes(build_model(mc, seed=cfg.seed, device=device), X, Y, batch,
+                                                              tc.pack)})
         runners = {}
         for name in cfg.impls or default_impls(batch, device.type, cfg.model):
             r = make_runner(name, mc, batch, X, Y, device, cfg.seed)
+            if tc.pack:
+                if r.chunk > 1:
+                    raise HandgradError(f"{name}: several steps per call draw their batches inside the compiled graph, "
+                                        "which cannot pack them; use --no-pack or manual-compiled")
+                r.pack = True
             t0 = time.perf_counter()
             r.run(r.chunk)  # compiles, where there is anything to compile
             sync(device)
@@ -377,6 +392,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
                 x["vs_autograd_median"] = x["median_steps_per_s"] / base["median_steps_per_s"] if base else None
     return {"results": results, "matmul": matmul, "memory": memory, "machine": machine_info(device),
             "config": {"batch_sizes": list(cfg.batch_sizes), "impls": cfg.impls or "default", "rounds": cfg.rounds,
+                       "pack": tc.pack,
                        "seconds_per_round": cfg.seconds, "dtype": "float32",
                        "model": "mlp (the seed's)" if cfg.model == "mlp" else cfg.model,
                        "model_config": mc.to_dict(), "lr": LR}}
@@ -410,11 +426,12 @@ def held_tensors(obj, seen: set[int] | None = None):
         yield from held_tensors(obj.saved, seen)
 
 
-def saved_bytes(model, X, Y, batch: int) -> dict:
-    """What a training forward keeps for its backward, on one batch: the manual layers' saved state against
-    the tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`), each as distinct storages,
-    the parameters and the batch left out of both (each side has them anyway)."""
-    x, y = X[:batch], Y[:batch]
+def saved_bytes(model, X, Y, batch: int, pack: bool = False) -> dict:
+    """What a training forward keeps for its backward, on one batch (`pack`: its items packed several to a
+    row): the manual layers' saved state against the tensors autograd saves
+    (`torch.autograd.graph.saved_tensors_hooks`), each as distinct storages, the parameters and the batch
+    left out of both (each side has them anyway)."""
+    x, y = pack_batch(X[:batch], Y[:batch]) if pack else (X[:batch], Y[:batch])
     exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.grads(), x, y)}
     with torch.no_grad():
         model.forward(x, y)
@@ -444,7 +461,8 @@ def saved_bytes(model, X, Y, batch: int) -> dict:
 def format_table(report: dict) -> str:
     lines = []
     m = report["machine"]
-    lines.append(f"{report['config']['model']}, float32, {report['results'][0]['threads'] if report['results'] else '?'} thread(s), "
+    lines.append(f"{report['config']['model']}{', items packed several to a row' if report['config'].get('pack') else ''}, "
+                 f"float32, {report['results'][0]['threads'] if report['results'] else '?'} thread(s), "
                  f"{report['results'][0]['device'] if report['results'] else '?'}; {m['cpu']}; torch {m['torch']}")
     header = (f"{'batch':>6}  {'impl':<20} {'steps/s':>10} {'median':>10} {'vs autograd':>11} {'(median)':>8} "
               f"{'GFLOP/s':>8} {'of matmul':>9}")

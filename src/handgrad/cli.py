@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--fd-samples", type=nonnegative_int, default=8,
                    help="coordinates per parameter for the float64 finite-difference check (default 8; 0: skip)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="transformer: check a batch of items packed several to a row, as training runs them "
+                        "(default: as the model's training does; the transformer packs)")
 
     p = sub.add_parser("train", help="train a model with hand-written gradients")
     add_data_args(p)
@@ -199,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trim", type=nonnegative_int, default=None, metavar="K",
                    help="sequence models: cut each batch to its longest item, rounded up to a multiple of K positions "
                         "(the padding cut predicts nothing; 0: every batch at the data's positions; default: the "
-                        "model's; transformer 4, the recurrent models 0)")
+                        "model's; transformer 4 with --no-pack, the recurrent models 0)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="transformer: pack each batch's items several to a row of the data's positions, each item seeing only "
+                        "itself (the same loss and gradients as one item a row, with no padding to compute; --no-pack: one "
+                        "item a row) (default: the model's; transformer packs)")
     p.add_argument("--diagnostics", action="store_true",
                    help="at each evaluation, log tanh saturation and gradient-to-data ratios to metrics.jsonl and draw activations.png")
     p.add_argument("--eval-every", type=nonnegative_int, default=1000, help="steps between validation losses (default 1000; 0: only at the end)")
@@ -275,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=positive_float, default=0.25,
                    help="seconds per implementation per round (default 0.25)")
     p.add_argument("-i", "--data", metavar="FILE", default=None, help="text file to draw batches from (default: built-in names)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw batches of items packed several to a row (default: as the model's training; the "
+                        "transformer packs)")
     p.add_argument("--processes", type=positive_int_list, default=None, metavar="N,N",
                    help="instead: steps/s of data-parallel training in N processes (gloo, --threads each) against "
                         "one, the eager step (the gradients summed once and in buckets) and the compiled one; "
@@ -331,7 +341,7 @@ def add_exercise_parser(sub) -> None:
 
 
 def cmd_check(args) -> int:
-    from .data import check_batch
+    from .data import check_batch, pack_batch
     from .gradcheck import check_model, finite_difference_check, format_table, passed
     from .model import ModelConfig, build_model
     from .train import DTYPES, TrainConfig, require_batch_statistics, resolve_device
@@ -339,13 +349,17 @@ def cmd_check(args) -> int:
     device = resolve_device(args.device)
     tc = TrainConfig(data=args.data, model=args.model, split=args.split, seed=args.seed, block_size=args.block_size,
                      n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=args.n_heads,
-                     dropout=args.dropout, attn_dropout=args.attn_dropout, tie_weights=args.tie_weights).resolved()
+                     dropout=args.dropout, attn_dropout=args.attn_dropout, tie_weights=args.tie_weights,
+                     pack=args.pack).resolved()
     ds = tc.dataset()
     mc = tc.model_config(len(ds.vocab), ds.block_size)
     mc = ModelConfig(**{**mc.to_dict(), "stepwise": not args.fused})
     model = build_model(mc, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
     require_batch_statistics(model, args.batch_size)
-    x, y = (t.to(device) for t in check_batch(ds, args.batch_size, args.seed))
+    x, y = check_batch(ds, args.batch_size, args.seed)
+    if tc.pack:
+        x, y = pack_batch(x, y)
+    x, y = x.to(device), y.to(device)
     results = check_model(model, x, y)
     if args.fd_samples:
         results += finite_difference_check(model, x, y, samples_per_param=args.fd_samples)
@@ -353,7 +367,8 @@ def cmd_check(args) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))
     else:
-        print(f"model {mc.model} ({'fused' if args.fused else 'stepwise'}), {args.dtype}, batch {args.batch_size}, data {ds.source}")
+        print(f"model {mc.model} ({'fused' if args.fused else 'stepwise'}), {args.dtype}, batch {args.batch_size}"
+              f"{f' packed into {x.shape[0]} rows' if tc.pack else ''}, data {ds.source}")
         print(format_table(results))
         bad = sum(not r.close for r in results)
         print(f"{'PASS' if ok else 'FAIL'}: {len(results) - bad}/{len(results)} tensors match")
@@ -387,7 +402,7 @@ def cmd_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
         optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-        trim=args.trim, momentum=args.momentum, diagnostics=args.diagnostics,
+        trim=args.trim, pack=args.pack, momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
         device=args.device, threads=args.threads, dtype=args.dtype, num_samples=args.num_samples,
         save_every=args.save_every, stop_at=args.stop_at, reduce=args.reduce,
@@ -452,7 +467,8 @@ def cmd_bench(args) -> int:
     if args.processes:
         return cmd_bench_processes(args)
     cfg = BenchConfig(batch_sizes=tuple(args.batch_sizes or default_batch_sizes(args.model)), impls=args.impls or None,
-                      threads=args.threads, device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data, model=args.model)
+                      threads=args.threads, device=args.device, rounds=args.rounds, seconds=args.seconds, data=args.data,
+                      model=args.model, pack=args.pack)
     report = run_bench(cfg)
     print(json.dumps(report, indent=1) if args.json else format_table(report))
     return 0

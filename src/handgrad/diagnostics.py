@@ -75,7 +75,7 @@ def attention_entropy(model) -> dict[str, float]:
             continue
         att = layer.saved.get("att")  # the stepwise form keeps it; the fused one recomputes it from its heads
         if att is None and "heads" in layer.saved:
-            att = layer.attention_weights(layer.saved["heads"])
+            att = layer.saved_attention()
         if att is not None:
             out[name.rstrip(".")] = float(-(att * att.clamp_min(1e-30).log()).sum(-1).mean())
     return out

@@ -20,6 +20,7 @@ from .layers import (
     Flatten,
     FlattenConsecutive,
     GRUCell,
+    ItemLayout,
     LayerNorm,
     LayerNormStepwise,
     Linear,
@@ -281,9 +282,11 @@ def build_recurrent(c: ModelConfig) -> Sequential:
 
 
 def build_transformer(c: ModelConfig) -> Sequential:
-    """Token and position embeddings, then n_layers blocks of [x + attention(LayerNorm(x))] and
+    """An item layout (where each item starts in a row of ids: a row may hold one item and its padding,
+    or several items, `data.pack_batch`), token and position embeddings (each token's place in its
+    item), then n_layers blocks of [x + attention(LayerNorm(x))] and
     [x + MLP(LayerNorm(x))] (the MLP n_embd -> n_hidden -> GELU -> n_embd), a last LayerNorm and the
-    output Linear: a prediction at every position, each seeing only the positions before it.
+    output Linear: a prediction at every position, each seeing only the positions before it in its item.
     With `c.dropout` > 0, a Dropout after the embeddings and at the end of each attention and MLP
     branch (before the residual adds it), in training only.
     With `c.attn_dropout` > 0, each attention also drops attention weights (in training only).
@@ -300,13 +303,14 @@ def build_transformer(c: ModelConfig) -> Sequential:
     chain = Sequential if c.stepwise else RecomputingSequential
     dropout = dropout_layers(c)
 
-    embedding, position = Embedding(c.vocab_size, c.n_embd), PositionEmbedding(c.block_size, c.n_embd)
+    items = ItemLayout()
+    embedding, position = Embedding(c.vocab_size, c.n_embd), PositionEmbedding(c.block_size, c.n_embd, items)
     for layer in (embedding, position):
         next(iter(layer.params.values())).mul_(0.1)
-    layers = [("embedding", embedding), ("position", position), *dropout("dropout")]
+    layers = [("items", items), ("embedding", embedding), ("position", position), *dropout("dropout")]
     depth = (2 * c.n_layers) ** -0.5
     for i in range(1, c.n_layers + 1):
-        attn = attention(c.n_embd, c.n_heads, c.block_size, dropout=c.attn_dropout)
+        attn = attention(c.n_embd, c.n_heads, c.block_size, dropout=c.attn_dropout, items=items)
         attn.params["proj_weight"].mul_(depth)
         proj = Linear(c.n_hidden, c.n_embd)
         proj.params["weight"].mul_(depth)
@@ -349,7 +353,7 @@ TRAINING = {
                     batch_size=128),
     # the transformer's recipe (and its dropout 0.2 and attention dropout 0.1 in DEFAULTS) from the tuning runs in docs/models.md
     "transformer": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=12_000,
-                        batch_size=128, trim=4),
+                        batch_size=128, trim=4, pack=True),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
                 batch_size=128),
     "gru": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=8_000,

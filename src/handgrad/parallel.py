@@ -446,6 +446,9 @@ class DataParallel:
     def step(self, x: torch.Tensor, y: torch.Tensor, stop_requested: bool) -> tuple[torch.Tensor, bool]:
         """The step on this rank's rows of the whole batch `x`, `y`: the whole batch's loss, and whether
         any rank was asked to stop (so that every rank stops after the same step)."""
+        if x.shape[0] != self.shard.total:  # a packed batch: its rows vary with the items drawn
+            self.rows = self.group.rows(x.shape[0])
+            self.shard = Shard(self.group, self.rows, x.shape[0])
         if self.compiled is not None:
             loss, votes = self.compiled(x[self.rows], y[self.rows], float(stop_requested))
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, fastpath, parallel
-from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data, trim_batch
+from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data, pack_batch, trim_batch
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
@@ -38,6 +38,7 @@ ONLY_FOR = {  # model settings that only some families have: (those families, wh
     "tie_weights": (("transformer",), "output layer to tie to a token table"),
     "dropout": (("transformer", "rnn", "gru", "lstm"), "dropout layers"),
     "trim": (tuple(sorted(SEQUENCE_MODELS)), "batches of whole items to trim"),
+    "pack": (("transformer",), "attention to keep items that share a row apart"),
 }
 OWN_RECIPE = "mlp"  # a model of one's own trains with the seed's recipe where nothing says otherwise
 
@@ -68,6 +69,7 @@ class TrainConfig:
     weight_decay: float | None = None
     momentum: float | None = None  # of the momentum optimizer; None: 0.9
     trim: int | None = None  # sequence models: each batch cut to its longest item, in multiples of this (0: not cut)
+    pack: bool | None = None  # the transformer: each batch's items packed several to a row (data.pack_batch)
     diagnostics: bool = False  # tanh saturation and gradient-to-data ratios at each evaluation
     seed: int = 42
     eval_every: int = 1000
@@ -96,8 +98,10 @@ class TrainConfig:
         for k, v in recipe.items():
             if d[k] is None:
                 d[k] = v
-        if d["trim"] is None:
-            d["trim"] = 0  # the families whose recipe does not trim
+        if d["pack"] is None:
+            d["pack"] = False  # the families whose recipe does not pack
+        if d["trim"] is None or (d["pack"] and self.trim is None):
+            d["trim"] = 0  # the families whose recipe does not trim; a packed batch has no padding to cut
         if d["optimizer"] == "momentum" and d["momentum"] is None:
             d["momentum"] = 0.9
         for k, v in DEFAULTS.get(self.model, {}).items():
@@ -150,6 +154,8 @@ def refuse_idle_settings(cfg: TrainConfig) -> None:
             given = ({True: flag_name(setting), False: flag_name(setting).replace("--", "--no-", 1)}.get(value)
                      if isinstance(value, bool) else f"{flag_name(setting)} {value}")  # a switch: its flag
             raise HandgradError(f"{given}: the {cfg.model} has no {what}; it belongs to --model {' or '.join(families)}")
+    if cfg.trim and (cfg.pack if cfg.pack is not None else recipe.get("pack", False)):
+        raise HandgradError(f"--trim {cfg.trim} with --pack: a packed batch has no padding to cut; pass --no-pack to trim")
     if cfg.model == "mlp" and cfg.n_layers not in (None, 1):
         raise HandgradError(f"--n-layers {cfg.n_layers}: the mlp has one hidden layer; --model deep-mlp stacks several")
 
@@ -522,8 +528,12 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     X = {s: ds.X[s].to(device) for s in SPLITS}
     Y = {s: ds.Y[s].to(device) for s in SPLITS}
 
+    def batch_of(x, y):
+        """The batch a step runs on, from the items drawn: packed several to a row, or trimmed, as the run says."""
+        return pack_batch(x, y) if cfg.pack else trim_batch(x, y, cfg.trim)
+
     if cfg.check:
-        x, y = (t.to(device) for t in check_batch(ds, cfg.batch_size, cfg.seed))
+        x, y = (t.to(device) for t in batch_of(*check_batch(ds, cfg.batch_size, cfg.seed)))
 
         def check_before_training(net, failure: str) -> str:
             """Check `net` on the batch into the optimizer's buffers; stop on a mismatch, else the summary."""
@@ -619,7 +629,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
             if idx.device != device:
                 idx = idx.to(device)
-            x, y = trim_batch(Xtrain.index_select(0, idx), Ytrain.index_select(0, idx), cfg.trim)
+            x, y = batch_of(Xtrain.index_select(0, idx), Ytrain.index_select(0, idx))
             if cfg.check_every and step % cfg.check_every == 0:  # the whole batch, on every rank alike
                 with torch.inference_mode(False):  # autograd's reference needs a batch it can save for its backward
                     results = check_model(model, x.clone(), y.clone(), grads=optimizer.grads)
@@ -740,6 +750,7 @@ def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkp
     if saved.get("stop_at") and saved["stop_at"] <= ckpt.step:
         saved["stop_at"] = 0  # the stop it made: done
     saved.setdefault("trim", 0)  # saved before batches were trimmed: it ran every batch at the data's width
+    saved.setdefault("pack", False)  # saved before batches were packed: one item a row
     if saved.get("model") == "transformer":  # saved before attention dropout and tied weights: it had neither
         saved.setdefault("attn_dropout", 0.0)
         saved.setdefault("tie_weights", False)

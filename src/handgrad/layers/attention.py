@@ -5,7 +5,8 @@ Input and output (B, T, C); C = n_head * D. Per head h, position t:
 
     q, k, v = x Wq + bq, x Wk + bk, x Wv + bv          (one (C, 3C) weight, one 3C bias)
     scores  = q k^T / sqrt(D)                          (T, T)
-    masked  = scores where s <= t, -inf where s > t    (position t sees itself and the past only)
+    masked  = scores where s <= t, -inf where s > t    (position t sees itself and the past only;
+                                                        with an item layout, of its own item only)
     att     = softmax(masked) over s
     kept    = att * m        (in training with dropout p: m 1/k or 0 per weight, k ~ 1 - p, a saved mask; else att)
     y       = kept v                                   (T, D)
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HandgradError
-from .core import Module, dropout_mask
+from .core import ItemLayout, Module, dropout_mask
 
 
 def causal_mask(block_size: int) -> torch.Tensor:
@@ -46,9 +47,14 @@ class CausalSelfAttention(Module):
     `dropout` p > 0: in training, each attention weight is dropped with probability p and the rest
     scaled by its inverse keep probability before they weigh the values (`dropout_mask`); the mask
     (B*H, T, T) is kept for the backward.
+
+    Built with an `ItemLayout`, a query sees the keys at or before it in its own item only (rows may
+    hold several items, `data.pack_batch`): the layout's `visible` (B, T, T), one byte an entry and one
+    tensor for every attention layer of the forward, is kept, and each row's mask made from it.
     """
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool = True, dropout: float = 0.0,
+                 items: ItemLayout | None = None):
         super().__init__()
         if n_embd % n_head:
             raise HandgradError(f"attention: {n_embd} channels do not split into {n_head} heads of equal width")
@@ -67,6 +73,7 @@ class CausalSelfAttention(Module):
             self.add_param("proj_bias", torch.zeros(n_embd))
         # a constant of the layer, not a buffer: no checkpoint needs it, `to` moves it
         self.mask = causal_mask(block_size)
+        self.items = items
 
     def to(self, device=None, dtype=None, memo: dict | None = None) -> "CausalSelfAttention":
         self.mask = self.mask.to(device=device, dtype=dtype)
@@ -75,8 +82,25 @@ class CausalSelfAttention(Module):
     def check_input(self, x) -> None:
         if x.ndim != 3 or x.shape[2] != self.n_embd:
             raise HandgradError(f"attention: expected input (batch, time, {self.n_embd}), got {tuple(x.shape)}")
-        if x.shape[1] > self.block_size:
+        if self.items is None and x.shape[1] > self.block_size:
             raise HandgradError(f"attention: {x.shape[1]} positions exceed the layer's context of {self.block_size}")
+
+    def visible(self, B: int, T: int) -> torch.Tensor:
+        """Which keys each query sees, from the item layout: (B, T, T) booleans."""
+        visible = self.items.visible
+        if visible is None or visible.shape != (B, T, T):
+            raise HandgradError("attention: its ItemLayout has not read this batch's ids")
+        return visible
+
+    def scores_mask(self, T: int, visible: torch.Tensor | None) -> torch.Tensor:
+        """What the scores get added before the softmax: 0 where a query sees a key, -inf where it does not.
+        The causal mask (T, T), the same for every matrix; from an item layout's `visible` (B, T, T), each
+        row's, (B*H, T, T)."""
+        if visible is None:
+            return self.mask[:T, :T]
+        B = visible.shape[0]
+        hidden = self.mask.new_zeros(B, T, T).masked_fill_(~visible, float("-inf"))
+        return hidden[:, None].expand(B, self.n_head, T, T).reshape(B * self.n_head, T, T)
 
     def project(self, x2, weight: str, bias: str):
         b = self.params.get(bias)
@@ -90,12 +114,20 @@ class CausalSelfAttention(Module):
         qkv = self.project(x2, "qkv_weight", "qkv_bias")  # (B*T, 3C)
         # one copy into head-major order: q, k, v each (B*H, T, D), contiguous for the batched products
         heads = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, D)
-        att = self.attention_weights(heads)
+        visible = None if self.items is None else self.visible(B, T)
+        att = self.attention_weights(heads, self.scores_mask(T, visible))
         kept = self.drop_weights(att, B)
         y = torch.bmm(kept, heads[2])  # kept v, (B*H, T, D)
         merged = y.view(B, H, T, D).transpose(1, 2).reshape(B * T, C)
         self.saved["x"], self.saved["heads"] = x2, heads
+        if visible is not None:  # the layout's own tensor, one byte an entry, shared by every attention layer
+            self.saved["visible"] = visible
         return self.project(merged, "proj_weight", "proj_bias").view(B, T, C)
+
+    def saved_attention(self):
+        """att of the last forward, recomputed from what it kept (the heads, the item layout's `visible`)."""
+        heads = self.saved["heads"]
+        return self.attention_weights(heads, self.scores_mask(heads.shape[2], self.saved.get("visible")))
 
     def drop_weights(self, att, B: int):
         """att with dropout's mask applied, in training with p > 0 (the mask kept as saved["att_mask"]);
@@ -107,12 +139,12 @@ class CausalSelfAttention(Module):
         mask = self.saved["att_mask"] = dropout_mask(att.view(B, H, T, T), self.dropout).view(att.shape)
         return att * mask
 
-    def attention_weights(self, heads):
-        """att = softmax(q k^T / sqrt(D) + mask) over keys, (B*H, T, T), from the heads (3, B*H, T, D)."""
+    def attention_weights(self, heads, mask):
+        """att = softmax(q k^T / sqrt(D) + mask) over keys, (B*H, T, T), from the heads (3, B*H, T, D)
+        and the mask (`scores_mask`)."""
         q, k = heads[0], heads[1]
-        T = q.shape[1]
-        # one batched product that also adds the (T, T) mask to every matrix
-        scores = torch.baddbmm(self.mask[:T, :T], q, k.transpose(1, 2), alpha=self.scale)
+        # one batched product that also adds the mask to every matrix
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=self.scale)
         # written over the scores unless autograd is recording this forward
         return torch.softmax(scores, -1, out=None if torch.is_grad_enabled() else scores)
 
@@ -125,7 +157,7 @@ class CausalSelfAttention(Module):
         H, D = self.n_head, self.head_dim
         q, k, v = heads[0], heads[1], heads[2]
         dout2 = dout.reshape(B * T, C)
-        att = self.attention_weights(heads)  # recomputed, as the forward computed them
+        att = self.saved_attention()  # recomputed, as the forward computed them
         kept = att if mask is None else att * mask
         merged = torch.bmm(kept, v).view(B, H, T, D).transpose(1, 2).reshape(B * T, C)  # recomputed: one product
         self.accumulate(dout2, merged, "proj_weight", "proj_bias")
@@ -180,7 +212,8 @@ class CausalSelfAttentionStepwise(CausalSelfAttention):
         q, k, v = s["qkv"].split(C, dim=2)
         s["q"], s["k"], s["v"] = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         s["scores"] = (s["q"] @ s["k"].transpose(2, 3)) * self.scale
-        s["future"] = self.mask[:T, :T] != 0  # True where the key comes after the query
+        # True where the query does not see the key: it comes later (or, with an item layout, in another item)
+        s["future"] = self.mask[:T, :T] != 0 if self.items is None else ~self.visible(B, T)[:, None]
         s["masked"] = s["scores"].masked_fill(s["future"], float("-inf"))
         s["att"] = torch.softmax(s["masked"], dim=-1)
         if self.training and self.dropout > 0:

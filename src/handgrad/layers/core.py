@@ -228,11 +228,7 @@ class Embedding(Module):
 
     # d out[b,t,:] / d weight[i,:] = 1 where idx[b,t] == i: scatter-add dout into the rows used
     def backward(self, dout):
-        w, idx = self.grads["weight"], self.saved["idx"]
-        if accumulates_with_index_put(w):  # one call, no flattening views; it adds in the ids' order, as index_add_ does
-            w.index_put_((idx,), dout, accumulate=True)
-        else:  # on a GPU index_put_'s accumulating kernel cannot be recorded in a CUDA graph
-            w.index_add_(0, idx.reshape(-1), dout.reshape(-1, w.shape[1]))
+        scatter_add_rows(self.grads["weight"], self.saved["idx"], dout)
         return None
 
 
@@ -240,6 +236,15 @@ def accumulates_with_index_put(grad: torch.Tensor) -> bool:
     """Whether the Embedding scatter-adds into `grad` with index_put_ (a CPU tensor) rather than
     index_add_ (a GPU's); a function of its own, so that a test on a CPU can take the other branch."""
     return grad.is_cpu
+
+
+def scatter_add_rows(grad: torch.Tensor, idx: torch.Tensor, dout: torch.Tensor) -> None:
+    """grad[idx[...]] += dout[...]: each row of dout added into the row of `grad` its id names, repeated
+    ids adding up (an embedding table's gradient)."""
+    if accumulates_with_index_put(grad):  # one call, no flattening views; it adds in the ids' order, as index_add_ does
+        grad.index_put_((idx,), dout, accumulate=True)
+    else:  # on a GPU index_put_'s accumulating kernel cannot be recorded in a CUDA graph
+        grad.index_add_(0, idx.reshape(-1), dout.reshape(-1, grad.shape[1]))
 
 
 class Flatten(Module):
@@ -524,25 +529,72 @@ class Residual(Module):
         return dout + backward_on_tape(block, frame, dout)
 
 
+class ItemLayout(Module):
+    """Where the items lie in rows of ids (B, T): an item starts at its start token (the boundary id 0) and
+    runs to the next one, so a row may hold one item and its padding (each padding id then an item of
+    its own, whose targets count for nothing) or several items one after another (`data.pack_batch`).
+    Its forward passes the ids on unchanged and leaves, for the layers built with it (PositionEmbedding,
+    the attention layers), each position's place in its item (`positions`, (B, T)) and which positions
+    each one sees (`visible`, (B, T, T): the key at or before the query, in the same item): an item's
+    outputs are then those it would have alone in a row, whatever shares the row.
+    Those layers read them in their forward and keep what their backward needs; nothing here has a
+    gradient (ids have none)."""
+
+    BOUNDARY = 0  # data.Vocab.BOUNDARY: the start token
+
+    def __init__(self):
+        super().__init__()
+        self.positions: torch.Tensor | None = None
+        self.visible: torch.Tensor | None = None
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        starts = idx == self.BOUNDARY
+        t = torch.arange(T, device=idx.device)
+        item = starts.cumsum(1)  # an item's number within its row: the start tokens up to here
+        # place in the item: t less the last start at or before t (a row always opens with one)
+        self.positions = t - torch.where(starts, t, 0).cummax(1).values
+        causal = t[None, :] <= t[:, None]  # (query, key): the key at or before the query
+        self.visible = causal & (item[:, :, None] == item[:, None, :])
+        return idx
+
+    # the ids pass through; they have no gradient
+    def backward(self, dout):
+        return None
+
+
 class PositionEmbedding(Module):
     """A learned table of one vector per position, added to the input: (B, T, C) -> x + weight[:T],
-    weight (block_size, C). Nothing kept from the forward: the backward reads T from dout."""
+    weight (block_size, C). Nothing kept from the forward: the backward reads T from dout.
+    Built with an `ItemLayout`, the position is each token's place in its item (several items may share
+    a row): x[b, t] + weight[positions[b, t]], the positions kept for the backward."""
 
-    def __init__(self, block_size: int, n_embd: int):
+    def __init__(self, block_size: int, n_embd: int, items: ItemLayout | None = None):
         super().__init__()
         self.add_param("weight", torch.randn(block_size, n_embd))
+        self.items = items
 
     def forward(self, x):
         block_size, n_embd = self.params["weight"].shape
         if x.ndim != 3 or x.shape[2] != n_embd:
             raise HandgradError(f"position embedding: expected input (batch, time, {n_embd}), got {tuple(x.shape)}")
+        if self.items is not None:
+            positions = self.saved["positions"] = self.items.positions
+            if positions is None or positions.shape != x.shape[:2]:
+                raise HandgradError("position embedding: its ItemLayout has not read this batch's ids")
+            return x + torch.embedding(self.params["weight"], positions)
         if x.shape[1] > block_size:
             raise HandgradError(f"position embedding: {x.shape[1]} positions exceed its table of {block_size}")
         return x + self.params["weight"][:x.shape[1]]
 
-    # out[b, t] = x[b, t] + weight[t]:  dx = dout,  d weight[t] = sum over the batch of dout[b, t] (t < T)
+    # out[b, t] = x[b, t] + weight[t]:  dx = dout,  d weight[t] = sum over the batch of dout[b, t] (t < T);
+    # with an item layout, out[b, t] = x[b, t] + weight[p[b, t]]:  d weight[i] = sum of dout[b, t] where p[b, t] == i
     def backward(self, dout):
-        self.grads["weight"][:dout.shape[1]].add_(dout.sum(0))
+        positions = self.saved.get("positions")
+        if positions is not None:
+            scatter_add_rows(self.grads["weight"], positions, dout)
+        else:
+            self.grads["weight"][:dout.shape[1]].add_(dout.sum(0))
         return dout
 
 
