@@ -32,7 +32,8 @@ SLOT_ALIGN = 1 << 16  # slot sizes are rounded up to this many bytes: few growth
 FIRST_SLOT_BYTES = 1 << 18  # 64k float32 numbers per rank: the mlp's gradients; a larger model's first sum grows it
 LINE = 8  # int64s of the header per rank, one 64-byte cache line: [sequence number, pid, start time, unused...]
 CHECK_EVERY_S = 0.5  # how often a wait looks whether the ranks it waits for still exist
-SPIN_S = 0.01  # a wait checks the counters without sleeping this long, then sleeps between checks
+SPIN_S = 0.01  # a wait checks the counters without sleeping this long, then sleeps SLEEP_S between checks
+SLEEP_S = 0.0005
 DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.float16, torch.bfloat16)
 
 
@@ -159,7 +160,7 @@ class SharedMemorySum:
             if now - start < SPIN_S:
                 os.sched_yield()  # a core shared with a rank that this one waits for goes to it
             else:
-                time.sleep(0.0005)  # a long wait (a checkpoint written, a step compiled) leaves the core free
+                time.sleep(SLEEP_S)  # a long wait (a checkpoint written, a step compiled) leaves the core free
             if now >= check_at:
                 check_at = now + CHECK_EVERY_S
                 for r in waiting:

@@ -629,8 +629,13 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
             if idx.device != device:
                 idx = idx.to(device)
-            x, y = batch_of(Xtrain.index_select(0, idx), Ytrain.index_select(0, idx))
-            if cfg.check_every and step % cfg.check_every == 0:  # the whole batch, on every rank alike
+            checking = cfg.check_every and step % cfg.check_every == 0
+            own_rows = group is not None and not ds.sequences and not checking
+            if own_rows:  # this rank's rows alone: a packed batch needs them all, a check the whole batch
+                x, y = ranks.gather(Xtrain, Ytrain, idx)
+            else:
+                x, y = batch_of(Xtrain.index_select(0, idx), Ytrain.index_select(0, idx))
+            if checking:  # the whole batch, on every rank alike
                 with torch.inference_mode(False):  # autograd's reference needs a batch it can save for its backward
                     results = check_model(model, x.clone(), y.clone(), grads=optimizer.grads)
                 if not passed(results):
@@ -639,7 +644,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
             if group is None:
                 loss = step_fn(model, x, y)
             else:
-                loss, voted_stop = ranks.step(x, y, stop.requested)
+                loss, voted_stop = ranks.step(x, y, stop.requested, whole=not own_rows)
             watch.observe(step, loss)
             last = step == cfg.steps - 1
             log = step % cfg.log_every == 0 or last
