@@ -55,9 +55,11 @@ def test_linear(shape, bias):
 
 
 @pytest.mark.parametrize("rows,width", [(1024, 27), (3000, 10), (1500, 50)])
-def test_a_narrow_output_padded_over_many_rows_gives_the_unpadded_numbers_bit_for_bit(rows, width):
+def test_a_narrow_output_padded_over_many_rows_gives_the_unpadded_numbers(rows, width):
     """On a CPU, 1,024 rows or more pad a narrow output to a multiple of 16 columns: the real columns
-    must come out exactly as the unpadded products (each is the same dot product)."""
+    are the unpadded products up to float32 rounding (each is the same dot product, but a matmul
+    kernel may block its sum differently for another width: bit for bit on one CPU, not on another).
+    A padding that leaked into the real columns, or dropped a row, is off by far more."""
     from handgrad.layers import output_padding
 
     assert output_padding(width, rows, torch.device("cpu")) > 0
@@ -69,9 +71,12 @@ def test_a_narrow_output_padded_over_many_rows_gives_the_unpadded_numbers_bit_fo
     with torch.no_grad():
         out = layer.forward(x)
         dx = layer.backward(d)
-    assert torch.equal(out, torch.addmm(b, x, w))
-    assert torch.equal(dx, d @ w.T)
-    assert torch.equal(layer.grads["weight"], x.T @ d) and torch.equal(layer.grads["bias"], d.sum(0))
+    close = dict(rtol=1e-5, atol=1e-5)  # float32 sums of 40 (or `rows`) terms of size ~1
+    assert out.shape == (rows, width) and dx.shape == (rows, 40)
+    torch.testing.assert_close(out, torch.addmm(b, x, w), **close)
+    torch.testing.assert_close(dx, d @ w.T, **close)
+    torch.testing.assert_close(layer.grads["weight"], x.T @ d, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(layer.grads["bias"], d.sum(0), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm1dStepwise])

@@ -8,7 +8,7 @@ import torch
 from handgrad.errors import HandgradError
 from handgrad.layers import packed, views_like
 from handgrad.model import ModelConfig, build_model
-from handgrad.optim import SGD, AdamW, cosine_schedule, learning_rate, make_optimizer, step_schedule
+from handgrad.optim import SGD, AdamW, WeightAverage, cosine_schedule, learning_rate, make_optimizer, step_schedule
 
 SHAPES = [(5, 3), (4,), (2, 3, 2), ()]
 STEPS = 100
@@ -223,7 +223,69 @@ def test_cosine_schedule():
     assert cosine_schedule(0, 10, 1.0) == 1.0  # no warm-up
 
 
+def test_the_cosine_schedule_ends_at_its_floor():
+    lrs = [learning_rate("cosine", s, 1000, 2.0, 100, floor=0.1) for s in range(1000)]
+    assert lrs[99] == pytest.approx(2.0) and lrs[-1] == pytest.approx(0.2)
+    assert min(lrs[100:]) == pytest.approx(0.2)
+    assert learning_rate("cosine", 999, 1000, 2.0, 100) == pytest.approx(0.02)  # lr/100 by default
+
+
 def test_learning_rate_rejects_unknown_schedule():
     assert learning_rate("step", 7, 10, 1.0) == 0.1
     with pytest.raises(HandgradError, match="unknown learning-rate schedule"):
         learning_rate("linear", 0, 10, 1.0)
+
+
+# ---- the weights' moving average
+
+
+def test_the_moving_average_follows_its_formula_on_the_flat_parameters():
+    """After update n: average += (1 - d_n) (p - average), d_n = min(decay, (1 + n) / (10 + n)), on the one flat
+    tensor the model's parameters are views of; against the formula written out on copies, float64."""
+    model = build_model(ModelConfig(model="mlp", n_hidden=8), seed=1, dtype=torch.float64)
+    params = model.parameters()
+    average = WeightAverage(params, decay=0.9)
+    assert len(average.params) == 1 and average.params[0] is model.param_buffer
+    expected = [p.clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 41):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        average.update()
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [e + (1 - d) * (p - e) for e, p in zip(expected, params)]
+    got = views_like(average.average[0], params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    assert not torch.equal(got[1], params[1])  # an average, not the last weights
+
+
+def test_the_average_swaps_in_and_out_exactly_and_round_trips():
+    model = build_model(ModelConfig(model="mlp", n_hidden=8), seed=1)
+    average = WeightAverage(model.parameters(), decay=0.99)
+    with torch.no_grad():
+        model.param_buffer.add_(1.0)
+    average.update()
+    trained = model.param_buffer.clone()
+    with average.swapped_in():
+        assert torch.equal(model.param_buffer, average.average[0])
+    assert torch.equal(model.param_buffer, trained)  # bit for bit the trained weights back
+    other = WeightAverage(model.parameters(), decay=0.99)
+    other.load_state_dict(average.state_dict())
+    assert other.updates == 1 and torch.equal(other.average[0], average.average[0])
+    with pytest.raises(HandgradError, match="does not match"):
+        WeightAverage(model.parameters()[:2], decay=0.99).load_state_dict(average.state_dict())
+    average.keep()
+    assert torch.equal(model.param_buffer, average.average[0])
+    with pytest.raises(HandgradError, match="decay"):
+        WeightAverage(model.parameters(), decay=1.0)
+
+
+def test_tied_weights_are_averaged_once():
+    a, b = torch.zeros(3), torch.zeros(2)
+    average = WeightAverage([a, b, a], decay=0.5)
+    assert len(average.average) == 2
+    a.add_(1.0)
+    average.update()
+    torch.testing.assert_close(average.average[0], torch.full((3,), 1 - 2 / 11))

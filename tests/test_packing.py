@@ -275,3 +275,27 @@ def test_a_transformer_saved_before_packing_resumes_one_item_a_row(tmp_path, cap
     assert rc == 0, err
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["pack"] is False and run["config"]["trim"] == 4
+
+
+def test_the_compiled_step_compiles_the_usual_packed_shape_only(names_txt):
+    """A packed batch of the usual row count runs compiled; one of another count (names.txt at 128 names:
+    0.3% of them) runs the eager step, with the same loss and gradients to float32 rounding, rather than
+    compile a second shape for a few steps. The usual count depends on the data and batch size alone."""
+    from handgrad.data import make_sequence_dataset, usual_packed_rows
+    from handgrad.fastpath import compiled_train_step
+    from handgrad.model import ModelConfig, build_model
+
+    torch._dynamo.reset()  # the compiled steps of earlier tests count towards the compiler's recompile limit
+    ds = make_sequence_dataset(names_txt)
+    assert usual_packed_rows(ds.Y["train"], 128) == usual_packed_rows(ds.Y["train"], 128) == 64
+    config = ModelConfig(model="transformer", vocab_size=len(ds.vocab), block_size=ds.block_size, n_embd=16,
+                         n_hidden=32, n_layers=1, n_heads=2, sequences=True)
+    eager, compiled = build_model(config, seed=1), build_model(config, seed=1)
+    step = compiled_train_step(compiled, rows=8)
+    for items in (16, 40):  # 8 rows (compiled), then 24 (eager)
+        x, y = pack_batch(ds.X["train"][:items], ds.Y["train"][:items])
+        want = manual_step(eager, x, y)
+        got = step(compiled, x, y)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled.grad_buffer, eager.grad_buffer, rtol=1e-4, atol=1e-5)
+    assert [key[1] for key in step.compiled._seen] == [(8, 16)]  # one shape compiled

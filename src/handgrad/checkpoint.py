@@ -16,6 +16,7 @@ Neither file is ever written, nor loaded, with a NaN or an infinity in it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -279,13 +280,16 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
+    average_state: dict[str, torch.Tensor]  # the weights' moving average (optim.WeightAverage); empty: none kept
 
-    def restore(self, model: Model, optimizer) -> None:
-        """Weights, running statistics and optimizer state; the generators come last (`restore_rng`),
-        after anything else that seeds them."""
+    def restore(self, model: Model, optimizer, average=None) -> None:
+        """Weights, running statistics, optimizer state and the weights' moving average where the run keeps
+        one; the generators come last (`restore_rng`), after anything else that seeds them."""
         try:
             model.load_state_dict(self.model_state)
             optimizer.load_state_dict(self.optimizer_state)
+            if average is not None:
+                average.load_state_dict(self.average_state)
         except HandgradError as e:
             raise HandgradError(f"{self.path}: {e}") from None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -296,8 +300,9 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab: Vocab, meta: dict,
-                    device: torch.device) -> None:
-    """checkpoint.safetensors (the training state after `step` steps), then model.safetensors.
+                    device: torch.device, average=None) -> None:
+    """checkpoint.safetensors (the training state after `step` steps), then model.safetensors: the model
+    evaluation reads, which is the weights' moving average where the run keeps one (`average`).
 
     Each file is whole on its own; a kill between the two leaves the model one
     save behind the checkpoint, and both load.
@@ -306,6 +311,8 @@ def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab:
     rng_tensors, rng_meta = rng_state(device)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"optimizer.{k}": v for k, v in optimizer.state_dict().items()}
+    if average is not None:
+        tensors |= {f"average.{k}": v for k, v in average.state_dict().items()}
     refuse_non_finite(out_dir / CHECKPOINT, tensors)  # before either file is written
     tensors |= rng_tensors
     header = {"step": step, "model_config": model.config.to_dict(), "vocab": vocab.chars, **meta, **rng_meta}
@@ -314,7 +321,8 @@ def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab:
     extra = {"step": step, "data": meta.get("data")}
     if "max_item_len" in meta:  # the longest item of the data: `sample`'s default --max-len
         extra["max_item_len"] = meta["max_item_len"]
-    save_model(out_dir, model, vocab, extra)
+    with average.swapped_in() if average is not None else contextlib.nullcontext():
+        save_model(out_dir, model, vocab, extra)
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
@@ -326,7 +334,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
     if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(meta.get("config"), dict)
             or not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool)):
         raise HandgradError(f"{path}: the header lacks a valid step, training config or elapsed time")
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}, "average": {}}
     for key, t in tensors.items():
         part, _, name = key.partition(".")
         if part not in parts or not name:
@@ -336,7 +344,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
     if bad is not None:
         raise HandgradError(f"{path} holds non-finite values in {bad} (a diverged run?); it cannot be continued: "
                             f"train again, with a lower --lr")
-    return Checkpoint(path, step, meta, parts["model"], parts["optimizer"], parts["rng"])
+    return Checkpoint(path, step, meta, parts["model"], parts["optimizer"], parts["rng"], parts["average"])
 
 
 class StopAtStepBoundary:

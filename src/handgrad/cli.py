@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: lr, then lr/10 from the halfway step (the seed's); cosine: warm-up, then a cosine "
                         "down to lr/100 (default: the model's; mlp step)")
     p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up steps of the cosine schedule (default: the model's)")
+    p.add_argument("--lr-floor", type=nonnegative_float, default=None, metavar="F",
+                   help="where the cosine schedule ends, as a fraction of --lr (default: the model's; 0.01, the "
+                        "transformer 0.1)")
+    p.add_argument("--ema", type=nonnegative_float, default=None, metavar="DECAY",
+                   help="keep a moving average of the weights (each step: average += (1 - DECAY) (weights - average)) "
+                        "and evaluate, sample and save that rather than the last weights (default: the model's; "
+                        "the transformer 0.999, others 0: none; not for models with BatchNorm)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=None,
                    help="weight decay of the embedding and weight matrices (default: the model's; mlp 0)")
     p.add_argument("--momentum", type=nonnegative_float, default=None, help="momentum of --optimizer momentum (default 0.9)")
@@ -401,7 +408,8 @@ def cmd_train(args) -> int:
         attn_dropout=args.attn_dropout, tie_weights=args.tie_weights,
         steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
-        optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, schedule=args.schedule, warmup=args.warmup, lr_floor=args.lr_floor, ema=args.ema,
+        weight_decay=args.weight_decay,
         trim=args.trim, pack=args.pack, momentum=args.momentum, diagnostics=args.diagnostics,
         log_every=args.log_every, grad=args.grad, impl=args.impl, check=not args.no_check, check_every=args.check_every,
         device=args.device, threads=args.threads, dtype=args.dtype, num_samples=args.num_samples,

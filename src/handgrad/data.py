@@ -174,29 +174,58 @@ def pack_batch(x: torch.Tensor, y: torch.Tensor, rows_multiple: int = PACK_ROWS)
     transformer). Deterministic: a function of the items' lengths and order."""
     width = x.shape[1]
     lengths = (y != IGNORE).sum(1).tolist()  # every row's targets come first, its padding after them
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the batch's order
+    places = place_items(lengths, width)
+    rows = -(-(max(r for r, _ in places) + 1) // rows_multiple) * rows_multiple
+    xp = torch.zeros(rows * width, dtype=x.dtype, device=x.device)  # the boundary token: padding inputs
+    yp = torch.full((rows * width,), IGNORE, dtype=y.dtype, device=y.device)
+    real = y != IGNORE
+    start = torch.tensor([r * width + o for r, o in places], device=x.device)
+    where = (start[:, None] + torch.arange(width, device=x.device))[real]  # each real position's place
+    xp[where], yp[where] = x[real], y[real]
+    return xp.view(rows, width), yp.view(rows, width)
+
+
+def place_items(lengths: list[int], width: int) -> list[tuple[int, int]]:
+    """(row, offset) of each item of these lengths, packed into rows of `width`: longest first (ties in
+    their order), each into the fullest row it fits in, a new row where none has room."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable
     free: list[list[int]] = [[] for _ in range(width + 1)]  # free[k]: the rows with k positions left
     used: list[int] = []  # positions taken in each row
-    row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
+    places = [(0, 0)] * len(lengths)
     for i in order:
         n = lengths[i]
-        k = next((k for k in range(n, width + 1) if free[k]), None)  # the fullest row it fits in
+        k = next((k for k in range(n, width + 1) if free[k]), None)
         if k is None:
             r = len(used)
             used.append(0)
         else:
             r = free[k].pop()
-        row_of[i], offset_of[i] = r, used[r]
+        places[i] = (r, used[r])
         used[r] += n
         free[width - used[r]].append(r)
-    rows = -(-len(used) // rows_multiple) * rows_multiple
-    xp = torch.zeros(rows * width, dtype=x.dtype, device=x.device)  # the boundary token: padding inputs
-    yp = torch.full((rows * width,), IGNORE, dtype=y.dtype, device=y.device)
-    real = y != IGNORE
-    start = torch.tensor([r * width + o for r, o in zip(row_of, offset_of)], device=x.device)
-    where = (start[:, None] + torch.arange(width, device=x.device))[real]  # each real position's place
-    xp[where], yp[where] = x[real], y[real]
-    return xp.view(rows, width), yp.view(rows, width)
+    return places
+
+
+def pack_rows(lengths: list[int], width: int, rows_multiple: int = PACK_ROWS) -> int:
+    """The rows `pack_batch` makes of items of these lengths."""
+    rows = max(r for r, _ in place_items(lengths, width)) + 1 if lengths else 0
+    return -(-rows // rows_multiple) * rows_multiple
+
+
+def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200) -> int:
+    """The number of rows that most packed batches of `batch_size` items of this split (`Y`, one item a
+    row) take, from `draws` batches drawn with a generator of their own (the run's draws are left
+    alone): the one shape a compiled step compiles, where a batch of another count (names.txt at 128
+    names: 0.3% of the batches, 72 rows rather than 64) runs eagerly rather than pay a compile for a
+    few steps. A function of the data and the batch size only, so a resumed run finds the same."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = (Y != IGNORE).sum(1)
+    counts: dict[int, int] = {}
+    for _ in range(draws):
+        idx = torch.randint(0, len(Y), (batch_size,), generator=gen)
+        rows = pack_rows(lengths[idx].tolist(), Y.shape[1])
+        counts[rows] = counts.get(rows, 0) + 1
+    return max(counts, key=lambda r: (counts[r], -r))
 
 
 @dataclass

@@ -464,10 +464,12 @@ def choose_impl(impl: str, grad: str, steps: int, batch_size: int, diagnostics: 
     return "replay", f"auto: {steps:,} steps of batch {batch_size} would not repay a ~{seconds:.0f}s compile; {replayed}"
 
 
-def compiled_train_step(model, impl: str = "compiled", report=lambda line: None):
+def compiled_train_step(model, impl: str = "compiled", report=lambda line: None, rows: int | None = None):
     """A `step_fn(model, x, y) -> loss` for the training loop: forward and backward replayed, compiled,
     or recorded as a CUDA graph, the update left to the loop. `report(line)` is told if a recording
-    is refused and the eager step runs instead."""
+    is refused and the eager step runs instead. `rows`: the compiled step compiles batches of that many
+    rows only, and a batch of another count takes the eager step (packed batches, whose rare larger
+    counts would each cost a compile of half a minute or more for a few steps: `data.usual_packed_rows`)."""
     if impl == "replay":
         replayed = ReplayStep(model)
 
@@ -487,6 +489,8 @@ def compiled_train_step(model, impl: str = "compiled", report=lambda line: None)
     def step_fn(m, x, y):
         if m is not model:
             raise HandgradError("this compiled step belongs to another model")
+        if rows is not None and impl == "compiled" and x.shape[0] != rows:
+            return manual_step(m, x, y)
         return compiled(x, y, None)[0].clone()  # a graph's loss buffer is overwritten by its next replay
 
     step_fn.compiled = compiled

@@ -352,8 +352,8 @@ TRAINING = {
     "wavenet": dict(optimizer="adamw", lr=5e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=30_000,
                     batch_size=128),
     # the transformer's recipe (and its dropout 0.2 and attention dropout 0.1 in DEFAULTS) from the tuning runs in docs/models.md
-    "transformer": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=12_000,
-                        batch_size=128, trim=4, pack=True),
+    "transformer": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, lr_floor=0.1, weight_decay=0.1,
+                        steps=12_000, batch_size=128, trim=4, pack=True, ema=0.999),
     "rnn": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=10_000,
                 batch_size=128),
     "gru": dict(optimizer="adamw", lr=3e-3, schedule="cosine", warmup=500, weight_decay=0.1, steps=8_000,

@@ -10,6 +10,7 @@ checkpoint restores the optimizer exactly: '<index>.<name>' per parameter.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -191,22 +192,25 @@ def step_schedule(step: int, total_steps: int, lr: float) -> float:
 COSINE_FINAL_FRACTION = 0.01  # cosine decays to lr/100: near zero, so the last steps average the noise away
 
 
-def cosine_schedule(step: int, total_steps: int, lr: float, warmup: int = 0) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup` steps, then half a cosine down to lr * COSINE_FINAL_FRACTION."""
+def cosine_schedule(step: int, total_steps: int, lr: float, warmup: int = 0,
+                    floor: float = COSINE_FINAL_FRACTION) -> float:
+    """Linear warm-up from lr/warmup to lr over `warmup` steps, then half a cosine down to lr * floor."""
     if step < warmup:
         return lr * (step + 1) / warmup
     span = max(total_steps - 1 - warmup, 1)
     progress = min((step - warmup) / span, 1.0)
-    low = lr * COSINE_FINAL_FRACTION
+    low = lr * floor
     return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def learning_rate(schedule: str, step: int, total_steps: int, lr: float, warmup: int = 0) -> float:
-    """The learning rate for `step` (counting from 0) of a run of `total_steps`."""
+def learning_rate(schedule: str, step: int, total_steps: int, lr: float, warmup: int = 0,
+                  floor: float = COSINE_FINAL_FRACTION) -> float:
+    """The learning rate for `step` (counting from 0) of a run of `total_steps`; the cosine schedule ends at
+    lr * floor."""
     if schedule == "step":
         return step_schedule(step, total_steps, lr)
     if schedule == "cosine":
-        return cosine_schedule(step, total_steps, lr, warmup)
+        return cosine_schedule(step, total_steps, lr, warmup, floor)
     raise HandgradError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
 
@@ -226,3 +230,66 @@ def make_optimizer(name: str, model, lr: float, momentum: float = 0.9, weight_de
     if name == "adamw":
         return AdamW(params, grads, lr=lr, weight_decay=wd)
     raise HandgradError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+class WeightAverage:
+    """An exponential moving average of the parameters, for evaluation: after each update,
+    average <- average + (1 - d) (p - average), d = min(decay, (1 + n) / (10 + n)) at the n-th update,
+    so that the first updates, whose average would otherwise lean on the initial weights for thousands
+    of steps, weigh the recent weights more (d = 0.18, 0.25, 0.31, ... reaching `decay` after about
+    9 / (1 - decay) updates). With a learning rate that ends well above zero, the average of the last
+    thousand steps or so generalised better than the last weights here (the transformer, docs/models.md).
+    It lies like the parameters: one flat tensor where they are views of one (`Sequential.flatten`).
+    `swapped_in()` puts the average into the parameters for a while (evaluation, saving the model)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        if not 0 < decay < 1:
+            raise HandgradError(f"the weight average's decay must be in (0, 1), got {decay:g}")
+        self.decay, self.updates = decay, 0
+        distinct = list({id(p): p for p in params}.values())  # a tensor held twice (tied weights) once
+        flat = packed(distinct)
+        self.params = [flat] if flat is not None else distinct
+        self.average = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for a, p in zip(self.average, self.params):
+                a.lerp_(p, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"updates": torch.tensor(self.updates, dtype=torch.int64)}
+        out |= {f"{i}": a.clone() for i, a in enumerate(self.average)}
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        if set(state) != set(own) or any(tuple(state[k].shape) != tuple(t.shape) for k, t in own.items()):
+            raise HandgradError(f"the weight average does not match the model's parameters "
+                                f"(expected {len(self.average)} tensors of shapes "
+                                f"{[tuple(a.shape) for a in self.average]})")
+        self.updates = int(state["updates"])
+        with torch.no_grad():
+            for i, a in enumerate(self.average):
+                a.copy_(state[f"{i}"])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The average in the parameters' place until the block ends, then the trained weights back."""
+        held = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, h in zip(self.params, held):
+                    p.copy_(h)
+
+    def keep(self) -> None:
+        """The average into the parameters for good (the end of training)."""
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)

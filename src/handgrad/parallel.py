@@ -426,7 +426,7 @@ class DataParallel:
     that the ranks' state stays one."""
 
     def __init__(self, group: Group, model, optimizer, batch_size: int, impl: str, reduce: str,
-                 ignore_index: int | None):
+                 ignore_index: int | None, average=None):
         self.group, self.model, self.ignore_index = group, model, ignore_index
         self.rows = group.rows(batch_size)
         self.shard = Shard(group, self.rows, batch_size)
@@ -434,7 +434,7 @@ class DataParallel:
         self.reducer = GradientReducer(model, group, reduce)
         self.compiled = ShardedCompiledStep(model, self.shard, self.share, self.reducer) if impl == "compiled" else None
         self.state = [*optimizer.params, *(t for ts in optimizer.state.values() for t in ts),
-                      *(b for _, b in model.named_buffers())]
+                      *(b for _, b in model.named_buffers()), *(average.average if average is not None else ())]
 
     def weight(self, y: torch.Tensor) -> float:
         """This rank's share of the whole batch's counted targets (sequence data pads its rows)."""

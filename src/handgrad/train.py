@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, fastpath, parallel
-from .data import BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data, pack_batch, trim_batch
+from .data import (BUILTIN_NAME, IGNORE, SPLITS, Dataset, check_batch, make_model_data, pack_batch, trim_batch,
+                   usual_packed_rows)
 from .divergence import DivergenceWatch
 from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .gradcheck import check_model, format_table, passed
 from .model import DEFAULTS, SEQUENCE_MODELS, TRAINING, Model, ModelConfig, build_model
-from .optim import learning_rate, make_optimizer
+from .optim import COSINE_FINAL_FRACTION, WeightAverage, learning_rate, make_optimizer
 from .sample import generate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -66,10 +67,12 @@ class TrainConfig:
     optimizer: str | None = None  # sgd, momentum or adamw
     schedule: str | None = None  # step (the seed's) or cosine (with warm-up)
     warmup: int | None = None
+    lr_floor: float | None = None  # where the cosine schedule ends, as a fraction of lr; None: the model's (0.01)
     weight_decay: float | None = None
     momentum: float | None = None  # of the momentum optimizer; None: 0.9
     trim: int | None = None  # sequence models: each batch cut to its longest item, in multiples of this (0: not cut)
     pack: bool | None = None  # the transformer: each batch's items packed several to a row (data.pack_batch)
+    ema: float | None = None  # decay of the weights' moving average that evaluation uses (optim.WeightAverage); 0: none
     diagnostics: bool = False  # tanh saturation and gradient-to-data ratios at each evaluation
     seed: int = 42
     eval_every: int = 1000
@@ -100,6 +103,10 @@ class TrainConfig:
                 d[k] = v
         if d["pack"] is None:
             d["pack"] = False  # the families whose recipe does not pack
+        if d["ema"] is None:
+            d["ema"] = 0.0  # the families whose recipe evaluates the last weights
+        if d["lr_floor"] is None:
+            d["lr_floor"] = COSINE_FINAL_FRACTION
         if d["trim"] is None or (d["pack"] and self.trim is None):
             d["trim"] = 0  # the families whose recipe does not trim; a packed batch has no padding to cut
         if d["optimizer"] == "momentum" and d["momentum"] is None:
@@ -137,6 +144,15 @@ def refuse_idle_settings(cfg: TrainConfig) -> None:
     recipe = TRAINING.get(cfg.model, TRAINING[OWN_RECIPE])
     schedule = cfg.schedule or recipe["schedule"]
     steps = cfg.steps or recipe["steps"]
+    if cfg.lr_floor is not None and schedule != "cosine":
+        raise HandgradError(f"--lr-floor {cfg.lr_floor:g}: the {schedule} schedule has no floor; it belongs to --schedule cosine")
+    if cfg.lr_floor is not None and not 0 <= cfg.lr_floor < 1:
+        raise HandgradError(f"--lr-floor {cfg.lr_floor:g}: the cosine schedule ends at this fraction of --lr, in [0, 1)")
+    if cfg.ema and not 0 < cfg.ema < 1:
+        raise HandgradError(f"--ema {cfg.ema:g}: the moving average's decay must be in (0, 1) (0: none)")
+    if cfg.ema and cfg.model in ("mlp", "deep-mlp", "wavenet"):
+        raise HandgradError(f"--ema {cfg.ema:g}: the {cfg.model}'s BatchNorm statistics are its trained weights', not "
+                            "their average's; --ema belongs to --model transformer, rnn, gru or lstm")
     if cfg.warmup and schedule != "cosine":
         raise HandgradError(f"--warmup {cfg.warmup}: the {schedule} schedule has no warm-up; it belongs to --schedule cosine")
     if cfg.warmup is not None and cfg.warmup and cfg.warmup >= steps:
@@ -509,10 +525,16 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     if sizes["train"] == 0:
         raise HandgradError("the training split is empty")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.ema and any(name.endswith("running_var") for name, _ in model.named_buffers()):
+        raise HandgradError(f"--ema {cfg.ema:g}: the model's BatchNorm statistics are its trained weights', not their "
+                            "average's")
+    average = WeightAverage(optimizer.params, cfg.ema) if cfg.ema else None
     print(f"optimizer: {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} schedule"
           + (f", warm-up {cfg.warmup}" if cfg.schedule == "cosine" else "")
+          + (f" down to {cfg.lr_floor:g} x lr" if cfg.schedule == "cosine" and cfg.lr_floor != COSINE_FINAL_FRACTION else "")
           + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
-          + f"; {cfg.steps:,} steps of batch {cfg.batch_size}")
+          + f"; {cfg.steps:,} steps of batch {cfg.batch_size}"
+          + (f"; evaluated with the weights' moving average (decay {cfg.ema:g})" if average else ""))
     print(f"model: {mc.model}, {model.num_params():,} parameters; gradients: {cfg.grad}; device {device}, {cfg.dtype}")
     if group is not None:
         print(f"processes: {group.world} ({group.backend}), each on its share of every batch of {cfg.batch_size}; "
@@ -523,7 +545,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     max_item_len = max(map(len, ds.words))  # `sample`'s default --max-len
     if resume is not None:
         checkpoint.check_resumable(resume, mc.to_dict(), data_meta)
-        resume.restore(model, optimizer)
+        resume.restore(model, optimizer, average)
         print(f"resuming {resume.path} at step {resume.step:,} of {cfg.steps:,}")
     X = {s: ds.X[s].to(device) for s in SPLITS}
     Y = {s: ds.Y[s].to(device) for s in SPLITS}
@@ -559,7 +581,10 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
         metrics = checkpoint.continue_metrics(metrics_path, start)
     step_fn = manual_step if cfg.grad == "manual" else autograd_step
     if impl in fastpath.FAST_IMPLS and group is None:
-        step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr))
+        rows = usual_packed_rows(ds.Y["train"], cfg.batch_size) if cfg.pack and impl == "compiled" else None
+        if rows is not None:
+            why += f"; packed batches of {rows} rows compiled, the rare other counts stepped eagerly"
+        step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr), rows=rows)
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
     last_saved = start if resume is not None else None
@@ -591,8 +616,8 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
         if writes:
             mf.flush()
             os.fsync(mf.fileno())
-            checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, vocab=ds.vocab,
-                                       device=device, meta={"config": asdict(cfg), "data": data_meta,
+            checkpoint.save_checkpoint(out_dir, step=step, model=model, optimizer=optimizer, average=average,
+                                       vocab=ds.vocab, device=device, meta={"config": asdict(cfg), "data": data_meta,
                                                             "elapsed": time.perf_counter() - t0, "step_impl": impl,
                                                             "max_item_len": max_item_len, **processes})
         last_saved = step
@@ -611,8 +636,12 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     loop_mode = torch.inference_mode() if manual_eager else contextlib.nullcontext()
     if group is not None:  # this rank's rows of every batch, and the sums over the ranks
         ranks = parallel.DataParallel(group, model, optimizer, cfg.batch_size, impl, cfg.reduce,
-                                      IGNORE if ds.sequences else None)
+                                      IGNORE if ds.sequences else None, average)
     voted_stop = False
+
+    def averaged():
+        """The weights evaluation reads: their moving average where the run keeps one, else the trained ones."""
+        return average.swapped_in() if average is not None else contextlib.nullcontext()
 
     def stopping() -> bool:
         """Ctrl-C seen: in one process, as it comes (between steps); in several, as the ranks voted in the step."""
@@ -625,7 +654,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
         if resume is None:  # the untrained state, so that a run that diverges early still leaves one to resume
             save(0)
         for step in range(start, cfg.steps):
-            lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup)
+            lr = learning_rate(cfg.schedule, step, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_floor)
             idx = torch.randint(0, ntrain, (cfg.batch_size,))  # drawn on the CPU on any device: one batch order
             if idx.device != device:
                 idx = idx.to(device)
@@ -657,7 +686,8 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
                 if evaluate_now and cfg.diagnostics:  # before evaluate, which drops the batch's activations
                     rec.update(diagnostics.measure(model))
                 if evaluate_now:
-                    rec["val_loss"] = evaluate(model, X["val"], Y["val"], group=group)
+                    with averaged():
+                        rec["val_loss"] = evaluate(model, X["val"], Y["val"], group=group)
                     watch.check_value(step, "validation loss", rec["val_loss"])
                     if group is not None:
                         ranks.check_same_state(step)
@@ -668,6 +698,8 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
                     rate = (step + 1) / max(rec["elapsed"], 1e-9)
                     progress.write(f"step {step:>7} | lr {lr:.4g} | train {loss_value:.4f} | val {rec['val_loss']:.4f} | {rate:,.0f} steps/s")
             optimizer.step(lr)
+            if average is not None:
+                average.update()
             # reading the loss syncs with the device: only every 50 steps, and only for the bar
             progress.update(1, float(loss) if progress.bar is not None and step % 50 == 0 else None)
             done = step + 1
@@ -687,6 +719,8 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     progress.close()
     elapsed = time.perf_counter() - t0
 
+    if average is not None:  # the run's result: what it evaluated, samples from and saved as its model
+        average.keep()
     final = {s: evaluate(model, X[s], Y[s], group=group) for s in SPLITS}
     for s in SPLITS:
         watch.check_value(cfg.steps, f"final {s} loss", final[s])
@@ -756,6 +790,8 @@ def resume_config(out: str, given: dict) -> tuple[TrainConfig, checkpoint.Checkp
         saved["stop_at"] = 0  # the stop it made: done
     saved.setdefault("trim", 0)  # saved before batches were trimmed: it ran every batch at the data's width
     saved.setdefault("pack", False)  # saved before batches were packed: one item a row
+    saved.setdefault("ema", 0.0)  # saved before the weights' moving average: it evaluated the trained weights
+    saved.setdefault("lr_floor", COSINE_FINAL_FRACTION)  # saved before the cosine's floor could change: lr/100
     if saved.get("model") == "transformer":  # saved before attention dropout and tied weights: it had neither
         saved.setdefault("attn_dropout", 0.0)
         saved.setdefault("tie_weights", False)

@@ -291,8 +291,8 @@ def output_padding(width: int, rows: int, device: torch.device) -> int:
     """Zero columns that bring a Linear's output width up to a multiple of 16 floats (64 bytes), for
     matmuls over many rows on a CPU, where it was measured: on one core, 8192 x 200 by 200 x 27 and
     its two backward products run about 1.3x faster padded to 32 columns, copies of the padding
-    included (docs/bench.md). The real columns come out bit for bit as unpadded (tests/test_layers.py
-    checks this on the machine it runs on): each output entry is the same dot product."""
+    included (docs/bench.md). Each real column is the same dot product as unpadded, equal to float32
+    rounding (bit for bit on some CPUs; a kernel may block the sum differently for another width)."""
     return -width % 16 if device.type == "cpu" and rows >= PAD_MIN_ROWS and width < 64 else 0
 
 
