@@ -105,3 +105,25 @@ def test_the_transformer_keeps_at_most_six_tenths_of_autograds_bytes():
                              n_hidden=64, n_layers=2, n_heads=2, dropout=dropout, sequences=True)
         kept = saved_bytes(build_model(config, device=torch.device("cpu")), ds.X["train"], ds.Y["train"], 8)
         assert kept["ratio"] <= 0.6, (dropout, kept)
+
+
+def test_packed_batches_are_timed_at_the_row_count_training_compiles(names_txt):
+    """A packed batch of another row count than the usual one would cost a compiled runner a compile in
+    a timed round: every runner draws again until its batch packs to the usual count."""
+    import torch
+
+    from handgrad.data import IGNORE, usual_packed_rows
+    from handgrad.train import TrainConfig
+
+    tc = TrainConfig(model="transformer", data=str(names_txt)).resolved()
+    ds = tc.dataset()
+    mc = tc.model_config(len(ds.vocab), ds.block_size)
+    X, Y = ds.X["train"], ds.Y["train"]
+    r = make_runner("manual", mc, 16, X, Y, torch.device("cpu"), 0)
+    r.pack = True
+    free = {r.batch()[0].shape[0] for _ in range(300)}
+    assert len(free) > 1  # 16 names pack to 8 rows mostly, sometimes to 16
+    r.rows = usual_packed_rows(Y, 16)
+    kept = [r.batch() for _ in range(300)]
+    assert {x.shape[0] for x, _ in kept} == {r.rows}
+    assert all(int((y != IGNORE).sum()) > 16 for _, y in kept)  # real names in them, not an empty batch

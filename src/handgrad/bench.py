@@ -20,7 +20,8 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
   recorded once as a CUDA graph and replayed; `manual-cudagraph-xK`: K steps per replay.
 
 All start from the same initial weights and draw batches from the same data, packed several items
-to a row where the family's training packs them (the transformer; `--no-pack`: one item a row).
+to a row where the family's training packs them (the transformer; `--no-pack`: one item a row),
+every batch at the row count most batches pack to (the shape training compiles; others drawn again).
 Each is warmed up first (compilation included there, and reported), then the
 implementations take turns, round after round. `steps_per_s` is the best
 round (slower rounds measure whatever else the machine was doing), with the
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import pack_batch
+from .data import pack_batch, usual_packed_rows
 from .errors import HandgradError
 from .fastpath import CompiledStep, CudaGraphStep, ReplayStep, manual_step
 from .layers import Linear
@@ -86,6 +87,7 @@ class Runner:
 
     chunk = 1
     pack = False  # each batch's items packed several to a row (`data.pack_batch`), as the transformer trains
+    rows: int | None = None  # packed: the row count timed (the usual one); a batch that packs to another is drawn again
 
     def __init__(self, model_config: ModelConfig, batch_size: int, X, Y, device, seed: int):
         self.batch_size, self.X, self.Y, self.device = batch_size, X, Y, device
@@ -97,9 +99,16 @@ class Runner:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch drawn as `handgrad train` draws it (the same for every eager implementation)."""
-        idx = self.draw(self.batch_size)
-        x, y = self.X.index_select(0, idx), self.Y.index_select(0, idx)
-        return pack_batch(x, y) if self.pack else (x, y)
+        while True:
+            idx = self.draw(self.batch_size)
+            x, y = self.X.index_select(0, idx), self.Y.index_select(0, idx)
+            if not self.pack:
+                return x, y
+            # every runner times the one shape that training's compiled step compiles: a rare batch of
+            # another row count would otherwise cost a compiled runner a compile inside a timed round
+            x, y = pack_batch(x, y)
+            if self.rows is None or x.shape[0] == self.rows:
+                return x, y
 
     def run(self, n: int) -> None:
         raise NotImplementedError
@@ -346,11 +355,13 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
                 if r.chunk > 1:
                     raise HandgradError(f"{name}: several steps per call draw their batches inside the compiled graph, "
                                         "which cannot pack them; use --no-pack or manual-compiled")
-                r.pack = True
+                r.pack, r.rows = True, usual_packed_rows(ds.Y["train"], batch)
             t0 = time.perf_counter()
             r.run(r.chunk)  # compiles, where there is anything to compile
             sync(device)
             first = time.perf_counter() - t0
+            r.run(r.chunk)  # a second call may compile again (the layers' Python state a trace guards on)
+            sync(device)
             t0 = time.perf_counter()
             r.run(r.chunk * 2)
             sync(device)
