@@ -8,15 +8,12 @@ from handgrad.errors import HandgradError
 from handgrad.gradcheck import check_layer, passed
 from handgrad.layers import CausalSelfAttention, CausalSelfAttentionStepwise
 from handgrad.layers.core import keep_probability
+from layer_checks import assert_ok, randn
 
 FORMS = [CausalSelfAttention, CausalSelfAttentionStepwise]
 
 # (batch, time, channels, heads, block size): T = 1, T = the block size, one head, several, a head of width 1
 SHAPES = [(2, 1, 4, 1, 5), (2, 5, 6, 2, 5), (3, 4, 8, 4, 6), (1, 6, 6, 3, 6), (2, 3, 4, 4, 3), (2, 6, 4, 1, 6)]
-
-
-def randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def attention(cls, channels, heads, block_size, bias=True, dtype=torch.float64, seed=0):
@@ -26,12 +23,6 @@ def attention(cls, channels, heads, block_size, bias=True, dtype=torch.float64, 
     for _, p in layer.named_parameters():
         p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.7)
     return layer
-
-
-def assert_ok(results):
-    bad = [(r.name, r.kind, r.max_abs_diff, r.note) for r in results if not r.close]
-    assert not bad, bad
-    assert "finite-difference" in {r.kind for r in results}  # both references ran
 
 
 @pytest.mark.parametrize("cls", FORMS)

@@ -9,10 +9,7 @@ from handgrad.gradcheck import check_layer
 from handgrad.layers import (GELU, CausalSelfAttention, LayerNorm, LayerNormStepwise, Linear, RecomputingSequential,
                              Residual, Sequential)
 from handgrad.layers.blocks import rerun
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+from layer_checks import assert_ok, randn
 
 
 def attention_branch(chain, c, heads, block_size):
@@ -30,12 +27,6 @@ def randomised(layer, seed=0):
     for _, p in layer.named_parameters():
         p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.6)
     return layer
-
-
-def assert_ok(results):
-    bad = [(r.name, r.kind, r.max_abs_diff, r.note) for r in results if not r.close]
-    assert not bad, bad
-    assert "finite-difference" in {r.kind for r in results}  # both references ran
 
 
 # (batch, time, channels, heads, hidden)

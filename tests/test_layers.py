@@ -18,21 +18,11 @@ from handgrad.layers import (
     Sequential,
     Tanh,
 )
+from layer_checks import assert_ok, randn
 
 
 def f64(layer):
     return layer.to(dtype=torch.float64)
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def assert_ok(results):
-    bad = [(r.name, r.kind, r.max_abs_diff) for r in results if not r.close]
-    assert not bad, bad
-    kinds = {r.kind for r in results}
-    assert "finite-difference" in kinds  # both references actually ran
 
 
 SHAPES_2D = [(2, 3), (5, 4), (16, 7)]

@@ -13,16 +13,7 @@ from handgrad.errors import HandgradError
 from handgrad.fastpath import manual_step
 from handgrad.gradcheck import check_layer, check_model, passed
 from handgrad.layers import CausalSelfAttention, CausalSelfAttentionStepwise, ItemLayout, PositionEmbedding
-
-
-def randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def assert_ok(results):
-    bad = [(r.name, r.kind, r.max_abs_diff, r.note) for r in results if not r.close]
-    assert not bad, bad
-    assert "finite-difference" in {r.kind for r in results}  # both references ran
+from layer_checks import assert_ok, randn
 
 
 def items_of(lengths, width):

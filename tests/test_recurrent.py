@@ -16,15 +16,12 @@ from handgrad.loss import CrossEntropy
 from handgrad.model import Model, ModelConfig
 from handgrad.optim import AdamW
 from handgrad.train import autograd_step
+from layer_checks import randn
 
 CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
 TORCH_CELLS = {"rnn": torch.nn.RNNCell, "gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}
 TORCH_LAYERS = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
 TIGHT = dict(rtol=1e-12, atol=1e-13)  # float64: the same sums in another order differ by a few ulps
-
-
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def randomised(layer, seed=0, scale=0.6):

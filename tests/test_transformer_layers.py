@@ -17,16 +17,7 @@ from handgrad.loss import CrossEntropy
 from handgrad.model import Model, ModelConfig
 from handgrad.optim import make_optimizer
 from handgrad.train import autograd_step
-
-
-def randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def assert_ok(results):
-    bad = [(r.name, r.kind, r.max_abs_diff, r.note) for r in results if not r.close]
-    assert not bad, bad
-    assert "finite-difference" in {r.kind for r in results}  # both references ran
+from layer_checks import assert_ok, randn
 
 
 def randomised(layer, seed=0):
