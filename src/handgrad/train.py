@@ -150,9 +150,6 @@ def refuse_idle_settings(cfg: TrainConfig) -> None:
         raise HandgradError(f"--lr-floor {cfg.lr_floor:g}: the cosine schedule ends at this fraction of --lr, in [0, 1)")
     if cfg.ema and not 0 < cfg.ema < 1:
         raise HandgradError(f"--ema {cfg.ema:g}: the moving average's decay must be in (0, 1) (0: none)")
-    if cfg.ema and cfg.model in ("mlp", "deep-mlp", "wavenet"):
-        raise HandgradError(f"--ema {cfg.ema:g}: the {cfg.model}'s BatchNorm statistics are its trained weights', not "
-                            "their average's; --ema belongs to --model transformer, rnn, gru or lstm")
     if cfg.warmup and schedule != "cosine":
         raise HandgradError(f"--warmup {cfg.warmup}: the {schedule} schedule has no warm-up; it belongs to --schedule cosine")
     if cfg.warmup is not None and cfg.warmup and cfg.warmup >= steps:
@@ -501,6 +498,9 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
         given, resume = resume_config(given.out, overrides)
     resume = resume or None
     cfg = given.resolved(refuse_idle=resume is None)  # a resumed run's settings were checked when it started
+    if cfg.ema and any(name.endswith("running_var") for name, _ in model.named_buffers()):  # before any folder is touched
+        raise HandgradError(f"--ema {cfg.ema:g}: the {mc.model}'s BatchNorm statistics are its trained weights', not "
+                            "their average's; --ema belongs to models without BatchNorm (transformer, rnn, gru, lstm)")
     for line in idle_setting_warnings(cfg, given):
         print(line, file=sys.stderr)
     torch.set_num_threads(cpu_threads(cfg.threads, step_rows(cfg.model, cfg.batch_size, data.block_size)))
@@ -525,9 +525,6 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     if sizes["train"] == 0:
         raise HandgradError("the training split is empty")
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.ema and any(name.endswith("running_var") for name, _ in model.named_buffers()):
-        raise HandgradError(f"--ema {cfg.ema:g}: the model's BatchNorm statistics are its trained weights', not their "
-                            "average's")
     average = WeightAverage(optimizer.params, cfg.ema) if cfg.ema else None
     print(f"optimizer: {cfg.optimizer}, lr {cfg.lr:g}, {cfg.schedule} schedule"
           + (f", warm-up {cfg.warmup}" if cfg.schedule == "cosine" else "")
