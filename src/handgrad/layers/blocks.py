@@ -8,6 +8,8 @@ GELU again costs a few passes over memory and no matmul; `RecomputingSequential`
 """
 from __future__ import annotations
 
+import torch
+
 from .core import GELU, Module, Sequential, backward_on_tape
 from .norm import LayerNorm
 
@@ -22,6 +24,10 @@ class RecomputingSequential(Sequential):
     A cheap layer qualifies where it keeps its own input as saved["x"] (LayerNorm and GELU do; the
     stepwise LayerNorm keeps its intermediates instead and is left as it is), and its reader where
     it keeps its input as saved["x"] (Linear, TiedLinear, the attention layers).
+
+    Traced by torch.compile (the compiled step), it keeps every input, as `Sequential`: there the
+    compiler decides what the step holds in memory, and a rerun only computed the cheap layers'
+    outputs a second time (the transformer's compiled step 1-3% slower with it, docs/bench.md).
     """
 
     recomputed = (LayerNorm, GELU)
@@ -31,6 +37,8 @@ class RecomputingSequential(Sequential):
         tape = self.saved["tape"]
         # a reader's place on the tape -> the shape it kept its input in (a Linear keeps the rows as a matrix)
         dropped = self.saved["dropped"] = {}
+        if torch.compiler.is_compiling():  # the compiler plans a compiled step's memory: nothing dropped
+            return out
         for i in range(1, len(tape)):
             (cheap, (cheap_saved, _)), (_, (reader_saved, _)) = tape[i - 1], tape[i]
             if isinstance(cheap, self.recomputed) and "x" in cheap_saved and "x" in reader_saved:
