@@ -27,7 +27,8 @@ class RecomputingSequential(Sequential):
 
     Traced by torch.compile (the compiled step), it keeps every input, as `Sequential`: there the
     compiler decides what the step holds in memory, and a rerun only computed the cheap layers'
-    outputs a second time (the transformer's compiled step 1-3% slower with it, docs/bench.md).
+    outputs a second time (the transformer's compiled step at batch 128 3% slower with it,
+    docs/bench.md).
     """
 
     recomputed = (LayerNorm, GELU)
