@@ -349,13 +349,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
             memory.append({"batch_size": batch, **saved_bytes(build_model(mc, seed=cfg.seed, device=device), X, Y, batch,
                                                               tc.pack)})
         runners = {}
+        rows = usual_packed_rows(ds.Y["train"], batch) if tc.pack else None  # the row count every runner times
         for name in cfg.impls or default_impls(batch, device.type, cfg.model):
             r = make_runner(name, mc, batch, X, Y, device, cfg.seed)
             if tc.pack:
                 if r.chunk > 1:
                     raise HandgradError(f"{name}: several steps per call draw their batches inside the compiled graph, "
                                         "which cannot pack them; use --no-pack or manual-compiled")
-                r.pack, r.rows = True, usual_packed_rows(ds.Y["train"], batch)
+                r.pack, r.rows = True, rows
             t0 = time.perf_counter()
             r.run(r.chunk)  # compiles, where there is anything to compile
             sync(device)

@@ -16,7 +16,6 @@ Neither file is ever written, nor loaded, with a NaN or an infinity in it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ from safetensors.torch import save as st_save
 from .data import Vocab
 from .errors import HandgradError
 from .model import Model, ModelConfig, build_model
+from .optim import evaluated
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -321,7 +321,7 @@ def save_checkpoint(out_dir: Path, *, step: int, model: Model, optimizer, vocab:
     extra = {"step": step, "data": meta.get("data")}
     if "max_item_len" in meta:  # the longest item of the data: `sample`'s default --max-len
         extra["max_item_len"] = meta["max_item_len"]
-    with average.swapped_in() if average is not None else contextlib.nullcontext():
+    with evaluated(average):
         save_model(out_dir, model, vocab, extra)
 
 

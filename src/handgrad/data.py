@@ -175,7 +175,7 @@ def pack_batch(x: torch.Tensor, y: torch.Tensor, rows_multiple: int = PACK_ROWS)
     width = x.shape[1]
     lengths = (y != IGNORE).sum(1).tolist()  # every row's targets come first, its padding after them
     places = place_items(lengths, width)
-    rows = -(-(max(r for r, _ in places) + 1) // rows_multiple) * rows_multiple
+    rows = row_count(places, rows_multiple)
     xp = torch.zeros(rows * width, dtype=x.dtype, device=x.device)  # the boundary token: padding inputs
     yp = torch.full((rows * width,), IGNORE, dtype=y.dtype, device=y.device)
     real = y != IGNORE
@@ -206,9 +206,10 @@ def place_items(lengths: list[int], width: int) -> list[tuple[int, int]]:
     return places
 
 
-def pack_rows(lengths: list[int], width: int, rows_multiple: int = PACK_ROWS) -> int:
-    """The rows `pack_batch` makes of items of these lengths."""
-    rows = max(r for r, _ in place_items(lengths, width)) + 1 if lengths else 0
+def row_count(places: list[tuple[int, int]], rows_multiple: int = PACK_ROWS) -> int:
+    """The rows `pack_batch` makes of items placed at `places` (`place_items`): the rows used, rounded up
+    to a multiple of `rows_multiple`."""
+    rows = max((r for r, _ in places), default=-1) + 1
     return -(-rows // rows_multiple) * rows_multiple
 
 
@@ -223,7 +224,7 @@ def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200) -> int
     counts: dict[int, int] = {}
     for _ in range(draws):
         idx = torch.randint(0, len(Y), (batch_size,), generator=gen)
-        rows = pack_rows(lengths[idx].tolist(), Y.shape[1])
+        rows = row_count(place_items(lengths[idx].tolist(), Y.shape[1]))
         counts[rows] = counts.get(rows, 0) + 1
     return max(counts, key=lambda r: (counts[r], -r))
 

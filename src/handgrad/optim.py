@@ -278,9 +278,7 @@ class WeightAverage:
     def swapped_in(self):
         """The average in the parameters' place until the block ends, then the trained weights back."""
         held = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, a in zip(self.params, self.average):
-                p.copy_(a)
+        self.keep()
         try:
             yield
         finally:
@@ -293,3 +291,9 @@ class WeightAverage:
         with torch.no_grad():
             for p, a in zip(self.params, self.average):
                 p.copy_(a)
+
+
+def evaluated(average: WeightAverage | None):
+    """The weights evaluation reads, for a `with` block: their moving average swapped in where the run keeps
+    one (`average`), else the trained weights as they are."""
+    return average.swapped_in() if average is not None else contextlib.nullcontext()

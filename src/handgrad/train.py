@@ -26,7 +26,7 @@ from .errors import HandgradError
 from .fastpath import manual_step  # the eager manual step: zero_grad, forward, backward
 from .gradcheck import check_model, format_table, passed
 from .model import DEFAULTS, SEQUENCE_MODELS, TRAINING, Model, ModelConfig, build_model
-from .optim import COSINE_FINAL_FRACTION, WeightAverage, learning_rate, make_optimizer
+from .optim import COSINE_FINAL_FRACTION, WeightAverage, evaluated, learning_rate, make_optimizer
 from .sample import generate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -636,10 +636,6 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
                                       IGNORE if ds.sequences else None, average)
     voted_stop = False
 
-    def averaged():
-        """The weights evaluation reads: their moving average where the run keeps one, else the trained ones."""
-        return average.swapped_in() if average is not None else contextlib.nullcontext()
-
     def stopping() -> bool:
         """Ctrl-C seen: in one process, as it comes (between steps); in several, as the ranks voted in the step."""
         return stop.requested if group is None else voted_stop
@@ -683,7 +679,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
                 if evaluate_now and cfg.diagnostics:  # before evaluate, which drops the batch's activations
                     rec.update(diagnostics.measure(model))
                 if evaluate_now:
-                    with averaged():
+                    with evaluated(average):
                         rec["val_loss"] = evaluate(model, X["val"], Y["val"], group=group)
                     watch.check_value(step, "validation loss", rec["val_loss"])
                     if group is not None:
