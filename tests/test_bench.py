@@ -20,6 +20,7 @@ def test_json_shape(capsys):
         assert {"impl", "batch_size", "steps_per_s", "threads", "device"} <= set(r)
         assert r["steps_per_s"] > 0 and r["threads"] == 1 and r["device"] == "cpu"
         assert r["min_steps_per_s"] <= r["median_steps_per_s"] <= r["steps_per_s"]
+        assert r["peak_step_bytes"] is None  # counted on a GPU only
     assert [r["vs_autograd"] for r in rows if r["impl"] == "autograd"] == [1.0, 1.0]
     assert {"cpu", "torch", "python", "handgrad"} <= set(report["machine"])
     assert [m["batch_size"] for m in report["matmul"]] == [4, 1024]
@@ -109,7 +110,8 @@ def test_the_transformer_keeps_at_most_six_tenths_of_autograds_bytes():
 
 def test_packed_batches_are_timed_at_the_row_count_training_compiles(names_txt):
     """A packed batch of another row count than the usual one would cost a compiled runner a compile in
-    a timed round: every runner draws again until its batch packs to the usual count."""
+    a timed round: every runner pads a batch of fewer rows up to the usual count, as training pads it,
+    and draws again where a batch packs to more."""
     import torch
 
     from handgrad.data import IGNORE, usual_packed_rows

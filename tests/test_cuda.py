@@ -125,6 +125,17 @@ def test_gpu_run_checks_as_it_goes_stops_and_resumes(tmp_path, capsys):
         assert abs(r["train_loss"] - q["train_loss"]) < 1e-4, (r, q)
 
 
+@gpu
+def test_the_bench_reports_each_steps_peak_memory_on_the_gpu(capsys):
+    from handgrad.cli import main
+
+    assert main(["bench", "--device", "cuda", "--model", "transformer", "--json", "--batch-sizes", "8",
+                 "--impls", "autograd,manual,manual-compiled", "--rounds", "1", "--seconds", "0.001"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["impl"] for r in rows] == ["autograd", "manual", "manual-compiled"]
+    assert all(r["peak_step_bytes"] > 0 for r in rows)
+
+
 def test_cuda_graph_refusals():
     model = build_model(TINY)
     with pytest.raises(HandgradError, match="CUDA"):

@@ -117,6 +117,68 @@ def test_compiled_step_refuses_what_it_cannot_do():
         step(X, Y, torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_the_compiled_step_merges_the_backwards_recomputations_with_the_forward():
+    """`ComputeOnce` on the graph the compiler gets from a transformer step (dropout on): the backward's
+    recomputation of the attention weights (the scores' product and their softmax), of the output they
+    gave, and of GELU's sigmoid merge with the forward's; each random draw stays its own; the graph's
+    results, from one generator state, are bit for bit those it gave before."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from handgrad.fastpath import run_steps
+    from handgrad.graph_passes import ComputeOnce
+
+    aten = torch.ops.aten
+    config = ModelConfig(model="transformer", vocab_size=7, block_size=6, n_embd=8, n_hidden=16, n_layers=1,
+                         n_heads=2, dropout=0.2, attn_dropout=0.2, sequences=True)
+    model = build_model(config, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(1, 7, (4, 6), generator=g), torch.randint(0, 7, (4, 6), generator=g)
+    calls = []
+
+    def keep_the_graph(gm, example_inputs):  # the graph a compiler gets, run as it is with the real inputs
+        return lambda *args: calls.append((gm, args)) or gm(*args)
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, y: run_steps(model, None, 1, x, y, None, None),
+                         backend=aot_autograd(fw_compiler=keep_the_graph), fullgraph=True)
+    with torch.no_grad():
+        step(x, y)
+    gm, args = calls[0]
+    ops = (aten.baddbmm.default, aten._softmax.default, aten.bmm.default, aten.sigmoid.default, aten.randint.low)
+
+    def count():
+        return [sum(n.target is op for n in gm.graph.nodes) for op in ops]
+
+    assert count() == [2, 2, 6, 2, 4]
+    torch.manual_seed(3)
+    want = gm(*args)
+    ComputeOnce()(gm.graph)
+    gm.recompile()
+    assert count() == [1, 1, 5, 1, 4]
+    torch.manual_seed(3)
+    got = gm(*args)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compute_once_merges_nothing_across_a_write_nor_any_random_draw():
+    from handgrad.graph_passes import ComputeOnce
+
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    a = graph.placeholder("a")
+    doubled = [graph.call_function(aten.mul.Tensor, (a, 2.0)) for _ in range(2)]
+    draws = [graph.call_function(aten.rand.default, ([3],), {"device": torch.device("cpu"), "pin_memory": False})
+             for _ in range(2)]
+    graph.call_function(aten.add_.Tensor, (a, 1.0))  # a write: a read after it is another value
+    after = graph.call_function(aten.mul.Tensor, (a, 2.0))
+    graph.output((*doubled, *draws, after))
+    ComputeOnce()(graph)
+    d1, d2, r1, r2, later = torch.fx.GraphModule({}, graph)(torch.ones(3))
+    assert d1 is d2 and torch.equal(d1, torch.full((3,), 2.0))  # one computation, read twice
+    assert not torch.equal(r1, r2)
+    assert torch.equal(later, torch.full((3,), 4.0))
+
+
 def test_choose_impl():
     assert choose_impl("auto", "manual", 10_000, 32)[0] == "replay"
     impl, why = choose_impl("auto", "manual", 10**7, 64)  # small batches: no faster compiled, however long

@@ -189,6 +189,23 @@ def test_a_packed_batch_has_one_item_a_rows_loss_and_gradients(names_txt):
     assert passed(check_model(model, xp, yp))
 
 
+def test_rows_of_padding_after_a_packed_batch_change_nothing(names_txt):
+    from handgrad.data import pad_rows
+
+    model, x, y = transformer_and_batch(names_txt)
+    xp, yp = pack_batch(x, y)
+    loss = float(manual_step(model, xp, yp))
+    grads = model.grad_buffer.clone()
+    xq, yq = pad_rows(xp, yp, xp.shape[0] + 5)
+    assert xq.shape == (xp.shape[0] + 5, xp.shape[1]) and torch.equal(xq[:xp.shape[0]], xp)
+    assert not xq[xp.shape[0]:].any() and (yq[yp.shape[0]:] == IGNORE).all()
+    assert abs(float(manual_step(model, xq, yq)) - loss) <= 1e-12
+    torch.testing.assert_close(model.grad_buffer, grads, rtol=0, atol=1e-12)
+    assert pad_rows(xp, yp, xp.shape[0])[0] is xp
+    with pytest.raises(HandgradError, match="cannot be padded"):
+        pad_rows(xp, yp, xp.shape[0] - 1)
+
+
 class CausalOnly(ItemLayout):
     """A planted error: every position sees the whole row before it, items that share the row included."""
 
@@ -269,9 +286,10 @@ def test_a_transformer_saved_before_packing_resumes_one_item_a_row(tmp_path, cap
 
 
 def test_the_compiled_step_compiles_the_usual_packed_shape_only(names_txt):
-    """A packed batch of the usual row count runs compiled; one of another count (names.txt at 128 names:
-    0.3% of them) runs the eager step, with the same loss and gradients to float32 rounding, rather than
-    compile a second shape for a few steps. The usual count depends on the data and batch size alone."""
+    """A packed batch of the usual row count runs compiled, one of fewer rows padded up to it; one of more
+    (names.txt at 128 names: 0.3% of them) runs the eager step rather than compile a second shape for a
+    few steps; each with the eager step's loss and gradients on the batch as packed, to float32 rounding.
+    The usual count depends on the data and batch size alone."""
     from handgrad.data import make_sequence_dataset, usual_packed_rows
     from handgrad.fastpath import compiled_train_step
     from handgrad.model import ModelConfig, build_model
@@ -282,11 +300,12 @@ def test_the_compiled_step_compiles_the_usual_packed_shape_only(names_txt):
     config = ModelConfig(model="transformer", vocab_size=len(ds.vocab), block_size=ds.block_size, n_embd=16,
                          n_hidden=32, n_layers=1, n_heads=2, sequences=True)
     eager, compiled = build_model(config, seed=1), build_model(config, seed=1)
-    step = compiled_train_step(compiled, rows=8)
-    for items in (16, 40):  # 8 rows (compiled), then 24 (eager)
+    step = compiled_train_step(compiled, rows=16)
+    for items, rows in ((40, 24), (16, 8), (32, 16)):  # eager, then compiled (padded up), then compiled
         x, y = pack_batch(ds.X["train"][:items], ds.Y["train"][:items])
+        assert x.shape[0] == rows
         want = manual_step(eager, x, y)
         got = step(compiled, x, y)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(compiled.grad_buffer, eager.grad_buffer, rtol=1e-4, atol=1e-5)
-    assert [key[1] for key in step.compiled._seen] == [(8, 16)]  # one shape compiled
+    assert [key[1] for key in step.compiled._seen] == [(16, 16)]  # one shape compiled

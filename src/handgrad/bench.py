@@ -21,12 +21,17 @@ Implementations of one SGD training step (batch draw, forward, backward, update)
 
 All start from the same initial weights and draw batches from the same data, packed several items
 to a row where the family's training packs them (the transformer; `--no-pack`: one item a row),
-every batch at the row count most batches pack to (the shape training compiles; others drawn again).
+every batch at the row count that training compiles (`data.usual_packed_rows`; a batch of fewer rows
+padded up to it, as training pads it, one of more drawn again).
 Each is warmed up first (compilation included there, and reported), then the
 implementations take turns, round after round. `steps_per_s` is the best
 round (slower rounds measure whatever else the machine was doing), with the
 median beside it. Speed is measured here, never asserted
 in tests.
+
+Memory: for families other than the seed's, what a training forward keeps for the backward, the
+manual layers' saved state against autograd's saved tensors (`saved_bytes`, any device); on a GPU,
+also the most memory one training step of each implementation allocates (`peak_step_bytes`).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import pack_batch, usual_packed_rows
+from .data import pack_batch, pad_rows, usual_packed_rows
 from .errors import HandgradError
 from .fastpath import CompiledStep, CudaGraphStep, ReplayStep, manual_step
 from .layers import Linear
@@ -104,11 +109,14 @@ class Runner:
             x, y = self.X.index_select(0, idx), self.Y.index_select(0, idx)
             if not self.pack:
                 return x, y
-            # every runner times the one shape that training's compiled step compiles: a rare batch of
-            # another row count would otherwise cost a compiled runner a compile inside a timed round
+            # every runner times the one shape that training's compiled step compiles, a batch of fewer rows
+            # padded up to it as training pads it: a rare batch of more would otherwise cost a compiled
+            # runner a compile inside a timed round
             x, y = pack_batch(x, y)
-            if self.rows is None or x.shape[0] == self.rows:
+            if self.rows is None:
                 return x, y
+            if x.shape[0] <= self.rows:
+                return pad_rows(x, y, self.rows)
 
     def run(self, n: int) -> None:
         raise NotImplementedError
@@ -369,7 +377,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
             rate = 2 * r.chunk / max(time.perf_counter() - t0, 1e-9)
             steps = max(r.chunk, int(rate * cfg.seconds) // r.chunk * r.chunk)
             r.run(steps)  # warm-up at the timed length
-            runners[name] = (r, steps, first)
+            runners[name] = (r, steps, first, peak_step_bytes(r, device))
             refused = getattr(getattr(r, "step", None), "fallback", None)  # a replay whose recording was refused
             log(f"batch {batch}: {name} ready (first call {first:.1f}s), {steps} steps per round"
                 + (f"; its recording was refused ({refused}), so it times the eager step" if refused else ""))
@@ -378,7 +386,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
             for i in range(cfg.rounds):
                 order = list(runners) if i % 2 == 0 else list(reversed(runners))
                 for name in order:
-                    r, steps, _ = runners[name]
+                    r, steps, _, _ = runners[name]
                     sync(device)
                     t0 = time.perf_counter()
                     r.run(steps)
@@ -389,13 +397,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
         if flops:
             mm = matmul_seconds(model, batch, device)
             matmul.append({"batch_size": batch, "flop_per_step": flops, "seconds": mm, "gflop_per_s": flops / mm / 1e9})
-        for name, (r, steps, first) in runners.items():
+        for name, (r, steps, first, peak) in runners.items():
             best = max(rates[name])
             results.append({
                 "impl": name, "batch_size": batch, "steps_per_s": best, "threads": cfg.threads, "device": device.type,
                 "median_steps_per_s": statistics.median(rates[name]), "min_steps_per_s": min(rates[name]),
                 "rounds": len(rates[name]), "steps_per_round": steps, "first_call_s": first,
                 "gflop_per_s": flops * best / 1e9, "tokens_per_s": best * batch * tokens_per_row,
+                "peak_step_bytes": peak,
             })
         base = next((x for x in results if x["impl"] == "autograd" and x["batch_size"] == batch), None)
         for x in results:
@@ -408,6 +417,20 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr, flush=Tr
                        "seconds_per_round": cfg.seconds, "dtype": "float32",
                        "model": "mlp (the seed's)" if cfg.model == "mlp" else cfg.model,
                        "model_config": mc.to_dict(), "lr": LR}}
+
+
+def peak_step_bytes(runner: Runner, device: torch.device) -> int | None:
+    """On a GPU, the most memory a call of the runner's training step allocated above what was allocated
+    before it (`torch.cuda.max_memory_allocated`): what the step itself needs, its model and optimizer
+    left out. None on a CPU, which keeps no such count."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.run(runner.chunk)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def storages(tensors, exclude: set[int]) -> int:
@@ -493,6 +516,11 @@ def format_table(report: dict) -> str:
         if b >= LARGE_BATCH:
             lines.append(f"{b:>6}  {'(matmuls alone)':<20} {1 / x['seconds']:>10,.1f} {'':>10} {'':>11} {'':>8} "
                          f"{x['gflop_per_s']:>8.1f} {'100%':>9}")
+    peaks = [x for x in report["results"] if x.get("peak_step_bytes") is not None]
+    if peaks:
+        lines.append("")
+        lines += [f"batch {x['batch_size']}: {x['impl']}: a training step allocates at most {x['peak_step_bytes']:,} "
+                  f"bytes above its model and optimizer" for x in peaks]
     if report.get("memory"):
         lines.append("")
         lines += [f"batch {x['batch_size']}: a training forward keeps {x['manual_bytes']:,} bytes for the manual backward, "

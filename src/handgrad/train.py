@@ -580,7 +580,7 @@ def run_fit(model, data, config: TrainConfig | None, resume: bool | checkpoint.C
     if impl in fastpath.FAST_IMPLS and group is None:
         rows = usual_packed_rows(ds.Y["train"], cfg.batch_size) if cfg.pack and impl == "compiled" else None
         if rows is not None:
-            why += f"; packed batches of {rows} rows compiled, the rare other counts stepped eagerly"
+            why += f"; packed batches padded to {rows} rows and compiled, the rare larger ones stepped eagerly"
         step_fn = fastpath.compiled_train_step(model, impl, report=lambda line: print(line, file=sys.stderr), rows=rows)
     print(f"step: {cfg.grad} gradients, {impl} ({why})")
     ntrain = sizes["train"]
