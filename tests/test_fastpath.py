@@ -160,7 +160,7 @@ def test_the_compiled_step_merges_the_backwards_recomputations_with_the_forward(
     assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_compute_once_merges_nothing_across_a_write_nor_any_random_draw():
+def test_compute_once_merges_nothing_across_a_write_nor_a_tensor_written_into_nor_a_random_draw():
     from handgrad.graph_passes import ComputeOnce
 
     aten = torch.ops.aten
@@ -169,14 +169,17 @@ def test_compute_once_merges_nothing_across_a_write_nor_any_random_draw():
     doubled = [graph.call_function(aten.mul.Tensor, (a, 2.0)) for _ in range(2)]
     draws = [graph.call_function(aten.rand.default, ([3],), {"device": torch.device("cpu"), "pin_memory": False})
              for _ in range(2)]
+    buffers = [graph.call_function(aten.mul.Tensor, (a, 3.0)) for _ in range(2)]
+    graph.call_function(aten.add_.Tensor, (buffers[0], 1.0))  # written into: its twin is another tensor
     graph.call_function(aten.add_.Tensor, (a, 1.0))  # a write: a read after it is another value
     after = graph.call_function(aten.mul.Tensor, (a, 2.0))
-    graph.output((*doubled, *draws, after))
+    graph.output((*doubled, *draws, after, *buffers))
     ComputeOnce()(graph)
-    d1, d2, r1, r2, later = torch.fx.GraphModule({}, graph)(torch.ones(3))
+    d1, d2, r1, r2, later, b1, b2 = torch.fx.GraphModule({}, graph)(torch.ones(3))
     assert d1 is d2 and torch.equal(d1, torch.full((3,), 2.0))  # one computation, read twice
     assert not torch.equal(r1, r2)
     assert torch.equal(later, torch.full((3,), 4.0))
+    assert torch.equal(b1, torch.full((3,), 4.0)) and torch.equal(b2, torch.full((3,), 3.0))
 
 
 def test_choose_impl():

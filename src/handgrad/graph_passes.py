@@ -9,6 +9,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import is_mutation_op
 
 
+aten = torch.ops.aten
+FRESH_BUFFERS = (aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided)
+
+
 class ComputeOnce(CustomGraphPass):
     """A compiler pass over a compiled step's graph: where the graph computes the same thing twice from the
     same inputs, the second is dropped and its readers read the first. A backward that recomputes what its
@@ -16,16 +20,17 @@ class ComputeOnce(CustomGraphPass):
     the output those weights gave, GELU's sigmoid), then reads the forward's result in the compiled step,
     as autograd's compiled backward does; each value is the very one the recomputation gave.
 
-    Left alone: random draws (each draws anew), fresh buffers, operations outside aten and prims, and
-    any write in place: nothing is merged across one, since a tensor read before a write and the same
-    tensor read after it are different values."""
+    Left alone: random draws (each draws anew), fresh buffers, operations outside aten and prims, any
+    tensor something writes into, and any write in place: nothing is merged across one, since a tensor
+    read before a write and the same tensor read after it are different values."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        written = {node.args[0] for node in graph.nodes if is_mutation_op(node) and node.args}
         first, writes = {}, 0
         for node in list(graph.nodes):
             if is_mutation_op(node):
                 writes += 1
-            elif self.pure(node):
+            elif node not in written and self.pure(node):
                 key = (writes, node.target, str(node.args), str(node.kwargs))  # str: arguments by node name
                 if key in first:
                     node.replace_all_uses_with(first[key])
@@ -39,7 +44,7 @@ class ComputeOnce(CustomGraphPass):
         return (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
                 and op.namespace in ("aten", "prims") and not node.is_impure()
                 and torch.Tag.nondeterministic_seeded not in op.tags
-                and op not in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default))
+                and op.overloadpacket not in FRESH_BUFFERS)
 
     def uuid(self):
         """The compiler's cache key of the pass: this file's contents."""
