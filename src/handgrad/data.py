@@ -224,9 +224,11 @@ def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200, share:
     resumed run finds the same."""
     gen = torch.Generator().manual_seed(0)
     lengths = (Y != IGNORE).sum(1)
-    counts = sorted(row_count(place_items(lengths[torch.randint(0, len(Y), (batch_size,), generator=gen)].tolist(),
-                                          Y.shape[1])) for _ in range(draws))
-    return counts[math.ceil(share * draws) - 1]
+    counts = []
+    for _ in range(draws):
+        idx = torch.randint(0, len(Y), (batch_size,), generator=gen)
+        counts.append(row_count(place_items(lengths[idx].tolist(), Y.shape[1])))
+    return sorted(counts)[math.ceil(share * draws) - 1]
 
 
 def pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

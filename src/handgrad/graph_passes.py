@@ -25,7 +25,7 @@ class ComputeOnce(CustomGraphPass):
     read before a write and the same tensor read after it are different values."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        written = {node.args[0] for node in graph.nodes if is_mutation_op(node) and node.args}
+        written = {t for node in graph.nodes if is_mutation_op(node) for t in written_into(node)}
         first, writes = {}, 0
         for node in list(graph.nodes):
             if is_mutation_op(node):
@@ -49,3 +49,13 @@ class ComputeOnce(CustomGraphPass):
     def uuid(self):
         """The compiler's cache key of the pass: this file's contents."""
         return get_hash_for_files((__file__,))
+
+
+def written_into(node) -> list:
+    """The arguments a mutating node writes into: those its schema marks written (an in-place op's self,
+    an out= tensor); the first argument where the op has no schema."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return list(node.args[:1])
+    return [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
