@@ -189,6 +189,24 @@ def test_a_packed_batch_has_one_item_a_rows_loss_and_gradients(names_txt):
     assert passed(check_model(model, xp, yp))
 
 
+def test_items_narrower_than_a_multiple_of_8_pack_into_wider_rows_with_the_same_loss_and_gradients():
+    """The built-in names are 12 wide: their rows are 16 wide, longer than the model's context of 12, and
+    the positions, the attention and so the loss and every gradient stay one item a row's."""
+    from handgrad.data import packed_width
+
+    assert [packed_width(w) for w in (5, 8, 12, 16, 17)] == [8, 8, 16, 16, 24]
+    model, x, y = transformer_and_batch(None)
+    assert x.shape[1] == model.config.block_size == 12
+    xp, yp = pack_batch(x, y)
+    assert xp.shape[1] == 16 and int((yp != IGNORE).sum()) == int((y != IGNORE).sum())
+    assert (yp != IGNORE).float().mean() > (y != IGNORE).float().mean()  # fuller rows than one item a row
+    loss = float(manual_step(model, x, y))
+    grads = model.grad_buffer.clone()
+    assert abs(float(manual_step(model, xp, yp)) - loss) <= 1e-12
+    torch.testing.assert_close(model.grad_buffer, grads, rtol=0, atol=1e-12)
+    assert passed(check_model(model, xp, yp))
+
+
 def test_rows_of_padding_after_a_packed_batch_change_nothing(names_txt):
     from handgrad.data import pad_rows
 

@@ -161,19 +161,29 @@ def trim_batch(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.T
 
 
 PACK_ROWS = 8  # a packed batch's rows, rounded up to a multiple of this: few shapes, each compiled once
+PACK_WIDTH = 8  # a packed row's positions: the items' width rounded up to a multiple of this
+
+
+def packed_width(width: int) -> int:
+    """The positions of a packed row (`pack_batch`) for items `width` wide: `width` rounded up to a multiple
+    of PACK_WIDTH. The built-in names' items, 12 wide (7.0 positions on average), pack 128 to a batch into
+    64 rows of 16 (1,024 positions) rather than 104 rows of 12 (1,248), and each attention row fills
+    whole 8-float vectors: the transformer's step 1.21x faster at batch 128, autograd's 1.18x
+    (docs/bench.md). names.txt's, 16 wide, keep their width."""
+    return -(-width // PACK_WIDTH) * PACK_WIDTH
 
 
 def pack_batch(x: torch.Tensor, y: torch.Tensor, rows_multiple: int = PACK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of whole items (one a row, padded) packed several to a row of the same width: each item's
-    positions (its start token, characters, end) placed one after another, the rest padding, the rows
-    rounded up to a multiple of `rows_multiple`. Best fit, longest first: names.txt's items average 7.2
+    """A batch of whole items (one a row, padded) packed several to a row of `packed_width` positions: each
+    item's positions (its start token, characters, end) placed one after another, the rest padding, the
+    rows rounded up to a multiple of `rows_multiple`. Best fit, longest first: names.txt's items average 7.2
     positions of 16, so 128 of them fill 57-65 rows rather than 128 (a padded batch trimmed to its
     longest item still ran 128 x 12 or 16).
 
     The same items and targets, so the same loss and gradients, for a model that reads an item's start
     token as the start of its positions and attends within the item only (`layers.ItemLayout`: the
     transformer). Deterministic: a function of the items' lengths and order."""
-    width = x.shape[1]
+    width = packed_width(x.shape[1])
     lengths = (y != IGNORE).sum(1).tolist()  # every row's targets come first, its padding after them
     places = place_items(lengths, width)
     rows = row_count(places, rows_multiple)
@@ -181,7 +191,7 @@ def pack_batch(x: torch.Tensor, y: torch.Tensor, rows_multiple: int = PACK_ROWS)
     yp = torch.full((rows * width,), IGNORE, dtype=y.dtype, device=y.device)
     real = y != IGNORE
     start = torch.tensor([r * width + o for r, o in places], device=x.device)
-    where = (start[:, None] + torch.arange(width, device=x.device))[real]  # each real position's place
+    where = (start[:, None] + torch.arange(x.shape[1], device=x.device))[real]  # each real position's place
     xp[where], yp[where] = x[real], y[real]
     return xp.view(rows, width), yp.view(rows, width)
 
@@ -219,15 +229,15 @@ def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200, share:
     (`Y`, one item a row) pack into, from `draws` batches drawn with a generator of their own (the run's
     draws are left alone): the one shape a compiled step compiles. A batch of fewer rows is padded up to it
     (`pad_rows`), one of more runs eagerly rather than pay a compile for a few steps (names.txt at 128
-    names: 64 rows, 0.3% of the batches 72; the built-in names: 104 rows, where the most common count,
-    96, leaves a quarter of the batches above it). A function of the data and the batch size only, so a
-    resumed run finds the same."""
+    names: 64 rows, 0.3% of the batches 72; the built-in names at 1,024: 480 rows, where the most common
+    count, 472, would leave half the batches above it). A function of the data and the batch size only, so
+    a resumed run finds the same."""
     gen = torch.Generator().manual_seed(0)
     lengths = (Y != IGNORE).sum(1)
     counts = []
     for _ in range(draws):
         idx = torch.randint(0, len(Y), (batch_size,), generator=gen)
-        counts.append(row_count(place_items(lengths[idx].tolist(), Y.shape[1])))
+        counts.append(row_count(place_items(lengths[idx].tolist(), packed_width(Y.shape[1]))))
     return sorted(counts)[math.ceil(share * draws) - 1]
 
 
