@@ -169,7 +169,8 @@ def packed_width(width: int) -> int:
     of PACK_WIDTH. The built-in names' items, 12 wide (7.0 positions on average), pack 128 to a batch into
     64 rows of 16 (1,024 positions) rather than 104 rows of 12 (1,248), and each attention row fills
     whole 8-float vectors: the transformer's step 1.21x faster at batch 128, autograd's 1.18x
-    (docs/bench.md). names.txt's, 16 wide, keep their width."""
+    (docs/bench.md). names.txt's, 16 wide, keep their width. A row wider than the model's context is
+    no matter: each position counts from its item's start (`layers.ItemLayout`)."""
     return -(-width // PACK_WIDTH) * PACK_WIDTH
 
 
@@ -229,9 +230,8 @@ def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200, share:
     (`Y`, one item a row) pack into, from `draws` batches drawn with a generator of their own (the run's
     draws are left alone): the one shape a compiled step compiles. A batch of fewer rows is padded up to it
     (`pad_rows`), one of more runs eagerly rather than pay a compile for a few steps (names.txt at 128
-    names: 64 rows, 0.3% of the batches 72; the built-in names at 1,024: 480 rows, where the most common
-    count, 472, would leave half the batches above it). A function of the data and the batch size only, so
-    a resumed run finds the same."""
+    names: 64 rows, 0.3% of the batches 72; the built-in names at 1,024: 480 rows, 1.5% of the batches
+    488). A function of the data and the batch size only, so a resumed run finds the same."""
     gen = torch.Generator().manual_seed(0)
     lengths = (Y != IGNORE).sum(1)
     counts = []
