@@ -145,6 +145,11 @@ def build_sequences(words: list[str], vocab: Vocab, length: int) -> tuple[torch.
     return X, Y
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`: the few shapes batches come in."""
+    return -(-n // multiple) * multiple
+
+
 def trim_batch(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of whole items cut to its longest item, rounded up to a multiple of `multiple` positions (never
     past the data's; 0: kept whole). What is cut is padding only: its targets count for nothing, and no
@@ -154,7 +159,7 @@ def trim_batch(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.T
     if not multiple:
         return x, y
     longest = int((y != IGNORE).sum(1).max())  # every row's targets come first, its padding after them
-    width = min(-(-longest // multiple) * multiple, y.shape[1])
+    width = min(round_up(longest, multiple), y.shape[1])
     if width == y.shape[1]:
         return x, y
     return x[:, :width].contiguous(), y[:, :width].contiguous()
@@ -171,7 +176,7 @@ def packed_width(width: int) -> int:
     whole 8-float vectors: the transformer's step 1.21x faster at batch 128, autograd's 1.18x
     (docs/bench.md). names.txt's, 16 wide, keep their width. A row wider than the model's context is
     no matter: each position counts from its item's start (`layers.ItemLayout`)."""
-    return -(-width // PACK_WIDTH) * PACK_WIDTH
+    return round_up(width, PACK_WIDTH)
 
 
 def pack_batch(x: torch.Tensor, y: torch.Tensor, rows_multiple: int = PACK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +227,7 @@ def row_count(places: list[tuple[int, int]], rows_multiple: int = PACK_ROWS) -> 
     """The rows `pack_batch` makes of items placed at `places` (`place_items`): the rows used, rounded up
     to a multiple of `rows_multiple`."""
     rows = max((r for r, _ in places), default=-1) + 1
-    return -(-rows // rows_multiple) * rows_multiple
+    return round_up(rows, rows_multiple)
 
 
 def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200, share: float = 0.95) -> int:
@@ -234,10 +239,11 @@ def usual_packed_rows(Y: torch.Tensor, batch_size: int, draws: int = 200, share:
     488). A function of the data and the batch size only, so a resumed run finds the same."""
     gen = torch.Generator().manual_seed(0)
     lengths = (Y != IGNORE).sum(1)
+    width = packed_width(Y.shape[1])
     counts = []
     for _ in range(draws):
         idx = torch.randint(0, len(Y), (batch_size,), generator=gen)
-        counts.append(row_count(place_items(lengths[idx].tolist(), packed_width(Y.shape[1]))))
+        counts.append(row_count(place_items(lengths[idx].tolist(), width)))
     return sorted(counts)[math.ceil(share * draws) - 1]
 
 
